@@ -1,0 +1,164 @@
+"""Start a group of local torch.distributed worker processes and run jobs on all of them.
+
+Used by the tools when they are not started under torchrun (they start the processes they need themselves), and by
+the test suite, which keeps one group alive across tests so megatron-core's import (6-8 s a process) is paid once.
+
+A job is a module-level function ``fn(*args)`` run on every rank at once; ``run`` returns the per-rank results. If a
+rank raises, its traceback is raised here and the group is torn down (the other ranks may be stuck in a collective);
+if a rank dies or the job exceeds ``timeout_s``, the same. Never a silent hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_timeout_s: float, env: dict) -> None:
+    os.environ.update(env)
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+        )
+        results.put((rank, "ready", None))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        job = jobs.get()
+        if job is None:
+            break
+        fn, args, kwargs = job
+        try:
+            results.put((rank, "ok", fn(*args, **kwargs)))
+        except BaseException:
+            results.put((rank, "error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerGroup:
+    """``world`` local processes in one gloo (CPU) / NCCL (GPU) default group."""
+
+    def __init__(self, world: int, threads_per_rank: int = 1, timeout_s: float = 600.0, env: dict | None = None):
+        self.world = world
+        self.timeout_s = timeout_s
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self._jobs = [ctx.Queue() for _ in range(world)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, world, port, self._jobs[r], self._results, threads_per_rank, timeout_s, dict(env or {})),
+                daemon=True,
+                name=f"worker-{r}",
+            )
+            for r in range(world)
+        ]
+        for p in self._procs:
+            p.start()
+        self._collect("start-up", expect="ready")
+
+    def _collect(self, what: str, expect: str = "ok") -> list[Any]:
+        out: list[Any] = [None] * self.world
+        pending = set(range(self.world))
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            try:
+                rank, status, payload = self._results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r in pending if not self._procs[r].is_alive()]
+                if dead:
+                    self.close(force=True)
+                    raise WorkerError(f"worker rank(s) {dead} died during {what} (exit codes "
+                                      f"{[self._procs[r].exitcode for r in dead]})")
+                if time.monotonic() > deadline:
+                    self.close(force=True)
+                    raise WorkerError(f"{what} did not finish within {self.timeout_s:.0f} s on rank(s) "
+                                      f"{sorted(pending)}")
+                continue
+            if status == "error":
+                self.close(force=True)
+                raise WorkerError(f"rank {rank} failed during {what}:\n{payload}")
+            out[rank] = payload
+            pending.discard(rank)
+        return out
+
+    def run(self, fn: Callable, *args, **kwargs) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every rank; the list of per-rank return values."""
+        if not self.alive:
+            raise WorkerError("the worker group was closed after an earlier failure")
+        for q in self._jobs:
+            q.put((fn, args, kwargs))
+        return self._collect(getattr(fn, "__qualname__", str(fn)))
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for q in self._jobs:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=30)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        self._procs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(force=exc[0] is not None)
+
+
+def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, **kwargs) -> list[Any]:
+    """One job on a fresh group of ``world`` processes, or in this process's own torchrun world if it has one
+    (then the result list holds only this rank's result, at its rank)."""
+    import torch.distributed as dist
+
+    if "TORCHELASTIC_RUN_ID" in os.environ or (os.environ.get("RANK") and os.environ.get("WORLD_SIZE")):
+        if int(os.environ["WORLD_SIZE"]) != world:
+            raise WorkerError(f"started under torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but this job needs "
+                              f"{world} processes: use --nproc_per_node={world}")
+        if not dist.is_initialized():
+            import torch
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        out: list[Any] = [None] * world
+        out[dist.get_rank()] = fn(*args, **kwargs)
+        return out
+    with WorkerGroup(world, timeout_s=timeout_s) as group:
+        return group.run(fn, *args, **kwargs)

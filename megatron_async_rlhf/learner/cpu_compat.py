@@ -1,0 +1,150 @@
+"""Run megatron-core on CPU (gloo): the patches for its CUDA-only call sites, in one place.
+
+Activated by :func:`activate` only when CUDA is absent; GPU runs never call it. Every patch names the megatron-core
+site it covers. Checked against megatron-core 0.16.1 (the CPU environment, Python 3.11); the sites below were read in
+that version's sources. Sequence parallelism, packed sequences (THD) and context parallelism stay GPU-only
+(they need Transformer Engine or Apex); config validation rejects them on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_ACTIVE = False
+
+
+def _is_cuda_device(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # a bare int is a CUDA ordinal (`device=torch.cuda.current_device()`); bools are not devices
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Maps CUDA device arguments to the CPU for every torch call in the process.
+
+    Covers, in megatron-core 0.16.1: literal ``device="cuda"`` in ``pipeline_parallel/schedules.py``
+    (loss/num-token tensors, also at PP=1), ``optimizer/`` and ``transformer/`` (attention_mask=None path);
+    ``device=torch.cuda.current_device()`` in ``GlobalMemoryBuffer.get_tensor`` (``utils.py``),
+    ``RotaryEmbedding.get_emb`` (``models/common/embeddings/rotary_pos_embedding.py``), the DDP grad buffers
+    (``distributed/param_and_grad_buffer.py``), the TP logit gather and ``dist_checkpointing`` save;
+    ``Tensor.cuda()`` calls; and the ``tensor.type() == 'torch.cuda.FloatTensor'`` checks in
+    ``optimizer/clip_grads.py``, ``optimizer/optimizer.py`` and ``optimizer/distrib_optimizer.py``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # the optimizer's dtype checks compare against the CUDA type name; report CPU float tensors as such
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") and "cuda" not in name else name
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _DummyStream:
+    """Stands in for ``torch.cuda.current_stream()`` / ``torch.cuda.Stream`` (DDP in
+    ``distributed/distributed_data_parallel.py`` and ``param_and_grad_buffer.py``): CPU work is synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+
+def _install_cpu_rng_tracker() -> None:
+    """``tensor_parallel/random.py``: ``CudaRNGStatesTracker.add/fork`` read and set CUDA generator states. Replace the
+    global tracker with one that keeps CPU generator states under the same names, so ``get_cuda_rng_tracker().fork()``
+    in the TP layers' initialisation and dropout works."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
+    """CPU twin of ``model_parallel_cuda_manual_seed``: the same three named states, the same seed offsets."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _install_cpu_rng_tracker()
+    tracker = mrandom._CUDA_RNG_STATE_TRACKER
+    tracker.reset()
+    torch.manual_seed(seed)
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def activate() -> None:
+    """Install the CPU patches (idempotent). Must not be called when CUDA is available."""
+    global _ACTIVE
+    if _ACTIVE:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.activate() called on a machine with CUDA; GPU runs use megatron-core unpatched")
+    # torch.cuda.* entry points that megatron-core calls unconditionally
+    torch.cuda.current_device = lambda: 0  # an ordinal; _CudaToCpu maps device=0 to the CPU
+    torch.cuda.synchronize = lambda *a, **k: None  # timers, checkpoint save, schedules
+    torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _DummyStream()
+    torch.cuda.Stream = _DummyStream
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda *a, **k: None  # CPU seeding goes through seed_cpu_rng_tracker
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    _install_cpu_rng_tracker()
+    _CudaToCpu().__enter__()  # process-wide for the rest of the process: pushed once, never popped
+    _ACTIVE = True
+    log.info(
+        "megatron-core CPU compatibility layer active (no CUDA): CUDA device arguments map to the CPU, "
+        "CPU RNG tracker installed; checked against megatron-core 0.16.1"
+    )
+
+
+def is_active() -> bool:
+    return _ACTIVE

@@ -1,0 +1,78 @@
+"""Whole-learner-pool jobs used by the tools and tests: every rank of the pool calls the same function.
+
+Each job (re)initialises Megatron's parallel state for its layout, so one group of processes can run several.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_async_rlhf.hf_llama import read_config
+from megatron_async_rlhf.learner import checkpoint as ckpt
+from megatron_async_rlhf.learner.forward import forward_collect
+from megatron_async_rlhf.learner.logprobs import gather_vocab_parallel, vocab_parallel_logprobs
+from megatron_async_rlhf.learner.model import build_model
+from megatron_async_rlhf.learner.parallel import init_learner_parallel, ranks
+from megatron_async_rlhf.weights.gather import full_hf_state_dict
+from megatron_async_rlhf.weights.hf_io import HFCheckpoint, save_hf
+from megatron_async_rlhf.weights.load import load_hf_into_stage
+
+
+def _reporter(info) -> bool:
+    """The one rank that returns results: last pipeline stage, TP rank 0, DP rank 0."""
+    return info.last and info.tp_rank == 0 and ranks()["dp_rank"] == 0
+
+
+def model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None):
+    cfg = read_config(hf_dir)
+    init_learner_parallel(tp, pp)
+    model, info = build_model(cfg, dtype=dtype, init=False)
+    load_hf_into_stage(model, info, cfg, HFCheckpoint(hf_dir))
+    return cfg, model, info
+
+
+def model_from_mcore(ckpt_dir: str, hf_config: str | dict, tp: int, pp: int):
+    cfg = read_config(hf_config)
+    meta = ckpt.read_meta(ckpt_dir)
+    ckpt.checkpoint_vocab_fits(meta, tp)
+    init_learner_parallel(tp, pp)
+    model, info = build_model(cfg, init=False, padded_vocab=meta["padded_vocab"])
+    ckpt.load_model(model, ckpt_dir)
+    return cfg, model, info
+
+
+def logits_and_logprobs(cfg, model, info, batches: list[torch.Tensor], temperature: float = 1.0):
+    """Per micro-batch (full-vocab logits [b, s, V], log-probs of the next tokens [b, s-1]) on the reporting rank."""
+    model.eval()
+
+    def on_logits(logits, i):
+        tokens = batches[i]
+        full = gather_vocab_parallel(logits, cfg.vocab_size)
+        lp = vocab_parallel_logprobs(logits[:, :-1], tokens[:, 1:], cfg.vocab_size, temperature)
+        return full, lp
+
+    out = forward_collect(model, batches, on_logits)
+    return out if _reporter(info) else None
+
+
+def parity_from_hf(hf_dir: str, tp: int, pp: int, batches: list[torch.Tensor], temperature: float = 1.0):
+    cfg, model, info = model_from_hf(hf_dir, tp, pp, dtype=torch.float32)
+    return logits_and_logprobs(cfg, model, info, batches, temperature)
+
+
+def parity_from_mcore(ckpt_dir: str, hf_config: str, tp: int, pp: int, batches: list[torch.Tensor]):
+    cfg, model, info = model_from_mcore(ckpt_dir, hf_config, tp, pp)
+    return logits_and_logprobs(cfg, model, info, batches)
+
+
+def hf_to_mcore(hf_dir: str, out_dir: str, tp: int, pp: int) -> None:
+    cfg, model, info = model_from_hf(hf_dir, tp, pp)
+    ckpt.save_model(model, info, cfg.raw, out_dir)
+
+
+def mcore_to_hf(ckpt_dir: str, hf_config_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> None:
+    cfg, model, info = model_from_mcore(ckpt_dir, hf_config_dir, tp, pp)
+    sd = full_hf_state_dict(model, info, cfg)
+    if sd is not None and ranks()["dp_rank"] == 0:
+        save_hf(out_dir, sd, cfg.raw, copy_from=hf_config_dir)
+    torch.distributed.barrier()
