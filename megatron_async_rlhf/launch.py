@@ -10,6 +10,7 @@ if a rank dies or the job exceeds ``timeout_s``, the same. Never a silent hang.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import queue
@@ -78,13 +79,16 @@ class WorkerGroup:
             ctx.Process(
                 target=_worker,
                 args=(r, world, port, self._jobs[r], self._results, threads_per_rank, timeout_s, dict(env or {})),
-                daemon=True,
+                # not daemonic: megatron-core's dist_checkpointing save starts child processes of its own;
+                # close() (also registered atexit) ends the workers instead
+                daemon=False,
                 name=f"worker-{r}",
             )
             for r in range(world)
         ]
         for p in self._procs:
             p.start()
+        atexit.register(self.close, force=True)
         self._collect("start-up", expect="ready")
 
     def _collect(self, what: str, expect: str = "ok") -> list[Any]:

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Convert between HF LLaMA checkpoints and Megatron distributed checkpoints.
+
+    python tools/convert_checkpoint.py hf-to-mcore --hf DIR --out DIR [--tp N --pp N]
+    python tools/convert_checkpoint.py mcore-to-hf --ckpt DIR --hf-config DIR --out DIR [--tp N --pp N]
+
+hf-to-mcore writes a megatron-core dist checkpoint (loads at any TP/PP). mcore-to-hf writes model.safetensors +
+config.json (+ tokenizer files found in --hf-config) that ``transformers`` loads. HF -> mcore -> HF is bit-exact.
+Starts the TP*PP processes itself (or use torchrun --nproc_per_node=TP*PP). Outputs are written atomically.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from megatron_async_rlhf.hf_llama import ConfigError, read_config, validate_parallel
+from megatron_async_rlhf.launch import run_distributed
+from megatron_async_rlhf.weights.hf_io import HFCheckpoint
+from megatron_async_rlhf.weights.mapping import check_hf_state_dict
+
+log = logging.getLogger("convert_checkpoint")
+
+
+def check_mcore_inputs(ckpt: str, hf_config: str) -> None:
+    """The checkpoint exists and was made from a model with the given config's shapes."""
+    from megatron_async_rlhf.learner.checkpoint import HF_CONFIG, read_meta
+
+    read_meta(ckpt)
+    given = read_config(hf_config)
+    stored = read_config(os.path.join(ckpt, HF_CONFIG))
+    if given.dims != stored.dims:
+        raise ConfigError(
+            f"--hf-config {hf_config} describes {given.dims}, but checkpoint {ckpt} was saved from {stored.dims}. "
+            f"Fix: pass the HF config directory of the model that was converted."
+        )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron dist checkpoint")
+    a.add_argument("--hf", required=True)
+    a.add_argument("--out", required=True)
+    b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF safetensors")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--hf-config", required=True, help="HF model directory whose config.json (and tokenizer) to use")
+    b.add_argument("--out", required=True)
+    for p in (a, b):
+        p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the converting processes")
+        p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the converting processes")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from megatron_async_rlhf.learner import jobs
+
+    t0 = time.time()
+    if args.cmd == "hf-to-mcore":
+        cfg = read_config(args.hf)
+        validate_parallel(cfg, args.tp, args.pp)
+        check_hf_state_dict(HFCheckpoint(args.hf).shapes(), cfg.dims)
+        run_distributed(args.tp * args.pp, jobs.hf_to_mcore, args.hf, args.out, args.tp, args.pp)
+    else:
+        check_mcore_inputs(args.ckpt, args.hf_config)
+        validate_parallel(read_config(args.hf_config), args.tp, args.pp)
+        run_distributed(args.tp * args.pp, jobs.mcore_to_hf, args.ckpt, args.hf_config, args.out, args.tp, args.pp)
+    log.info("%s done in %.1f s: %s", args.cmd, time.time() - t0, os.path.abspath(args.out))
+    print(json.dumps({"cmd": args.cmd, "out": os.path.abspath(args.out), "seconds": round(time.time() - t0, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
