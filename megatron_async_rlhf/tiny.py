@@ -15,7 +15,7 @@ PRESETS: dict[str, dict] = {
     "tiny-gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
     # 3 query heads per group, tied embeddings, 4 layers, vocab 250 (not a multiple of 128)
     "tiny-tied": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
                       num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, vocab_size=250),

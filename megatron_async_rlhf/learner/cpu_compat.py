@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -121,13 +122,28 @@ def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
 
 
+# Warnings megatron-core 0.16.1 (and torch 2.13 under it) prints on every CPU process; each states a known fact of a
+# CPU machine (no Apex/TE; CUDA-only tuning advice; deprecations inside megatron-core's own calls), none needs action.
+_EXPECTED_ON_CPU = (
+    r"Apex is not installed",
+    r"Transformer Engine and Apex are not installed",
+    r"When using async grad allreduce it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+    r"full scope is deprecated",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+    r"`load_state_dict` is deprecated",
+)
+
+
 def activate() -> None:
-    """Install the CPU patches (idempotent). Must not be called when CUDA is available."""
+    """Install the CPU patches (idempotent). Must not be called when CUDA is available. Call before megatron-core is
+    imported, so that the warning filters below see its import-time warnings."""
     global _ACTIVE
     if _ACTIVE:
         return
     if torch.cuda.is_available():
         raise RuntimeError("cpu_compat.activate() called on a machine with CUDA; GPU runs use megatron-core unpatched")
+    for pattern in _EXPECTED_ON_CPU:
+        warnings.filterwarnings("ignore", message=pattern)
     # torch.cuda.* entry points that megatron-core calls unconditionally
     torch.cuda.current_device = lambda: 0  # an ordinal; _CudaToCpu maps device=0 to the CPU
     torch.cuda.synchronize = lambda *a, **k: None  # timers, checkpoint save, schedules

@@ -30,6 +30,10 @@ def init_learner_parallel(tp: int, pp: int, seed: int = 1234, timeout_s: float =
     Calling it again with another layout tears down the previous groups first, so one set of processes can run several
     layouts (the test suite shares its process start-ups this way).
     """
+    if not use_cuda():
+        from megatron_async_rlhf.learner import cpu_compat
+
+        cpu_compat.activate()  # before megatron-core's first import
     from megatron.core import parallel_state
 
     assert dist.is_initialized(), "init the learner pool's default process group first"
@@ -38,10 +42,6 @@ def init_learner_parallel(tp: int, pp: int, seed: int = 1234, timeout_s: float =
         raise ValueError(f"learner pool of {world} ranks cannot hold tensor_parallel={tp} x pipeline_parallel={pp}")
     if use_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        from megatron_async_rlhf.learner import cpu_compat
-
-        cpu_compat.activate()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
