@@ -15,6 +15,7 @@ import datetime
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -32,11 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_timeout_s: float, env: dict) -> None:
+def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_timeout_s: float, env: dict,
+            default_group: bool) -> None:
     os.environ.update(env)
+    # the same environment torchrun gives its ranks: the store is served by the launcher (here: the parent)
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     )
     import logging
 
@@ -47,12 +50,16 @@ def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_ti
     logging.getLogger("megatron_async_rlhf").setLevel(os.environ.get("MRLHF_WORKER_LOG_LEVEL", "INFO"))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(
-            "nccl" if torch.cuda.is_available() else "gloo",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=pg_timeout_s),
-        )
+        if default_group:  # otherwise each job builds its own groups (cluster.setup)
+            store = dist.TCPStore("127.0.0.1", port, is_master=False,
+                                  timeout=datetime.timedelta(seconds=pg_timeout_s))
+            dist.init_process_group(
+                "nccl" if torch.cuda.is_available() else "gloo",
+                store=dist.PrefixStore("default_pg/", store),
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=pg_timeout_s),
+            )
         results.put((rank, "ready", None))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -66,23 +73,34 @@ def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_ti
             results.put((rank, "ok", fn(*args, **kwargs)))
         except BaseException:
             results.put((rank, "error", traceback.format_exc()))
-    dist.destroy_process_group()
+    if "megatron_async_rlhf.rollout.server" in sys.modules:
+        sys.modules["megatron_async_rlhf.rollout.server"].close_engines()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class WorkerGroup:
-    """``world`` local processes in one gloo (CPU) / NCCL (GPU) default group."""
+    """``world`` local processes, like a torchrun launch: this process serves the TCP store at MASTER_PORT. With
+    ``default_group`` every worker joins one gloo (CPU) / NCCL (GPU) default group over all of them; without, each job
+    sets up its own groups from the store (a learner pool and a rollout pool, see cluster.py)."""
 
-    def __init__(self, world: int, threads_per_rank: int = 1, timeout_s: float = 600.0, env: dict | None = None):
+    def __init__(self, world: int, threads_per_rank: int = 1, timeout_s: float = 600.0, env: dict | None = None,
+                 default_group: bool = True):
+        import torch.distributed as dist
+
         self.world = world
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
         port = free_port()
+        self._store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         self._jobs = [ctx.Queue() for _ in range(world)]
         self._results = ctx.Queue()
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world, port, self._jobs[r], self._results, threads_per_rank, timeout_s, dict(env or {})),
+                args=(r, world, port, self._jobs[r], self._results, threads_per_rank, timeout_s, dict(env or {}),
+                      default_group),
                 # not daemonic: megatron-core's dist_checkpointing save starts child processes of its own;
                 # close() (also registered atexit) ends the workers instead
                 daemon=False,
@@ -128,6 +146,9 @@ class WorkerGroup:
             q.put((fn, args, kwargs))
         return self._collect(getattr(fn, "__qualname__", str(fn)))
 
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
     @property
     def alive(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
@@ -151,7 +172,8 @@ class WorkerGroup:
         self.close(force=exc[0] is not None)
 
 
-def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, **kwargs) -> list[Any]:
+def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, default_group: bool = True,
+                    **kwargs) -> list[Any]:
     """One job on a fresh group of ``world`` processes, or in this process's own torchrun world if it has one
     (then the result list holds only this rank's result, at its rank)."""
     import torch.distributed as dist
@@ -160,7 +182,7 @@ def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, *
         if int(os.environ["WORLD_SIZE"]) != world:
             raise WorkerError(f"started under torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but this job needs "
                               f"{world} processes: use --nproc_per_node={world}")
-        if not dist.is_initialized():
+        if default_group and not dist.is_initialized():
             import torch
 
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
@@ -168,5 +190,5 @@ def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, *
         out: list[Any] = [None] * world
         out[dist.get_rank()] = fn(*args, **kwargs)
         return out
-    with WorkerGroup(world, timeout_s=timeout_s) as group:
+    with WorkerGroup(world, timeout_s=timeout_s, default_group=default_group) as group:
         return group.run(fn, *args, **kwargs)

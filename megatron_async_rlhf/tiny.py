@@ -72,7 +72,7 @@ def make_tiny_llama(out_dir: str, preset: str = "tiny-gqa", seed: int = 0, dtype
     kw.setdefault("vocab_size", len(tok))
     cfg = LlamaConfig(
         max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2, **kw,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.1, **kw,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))

@@ -47,3 +47,36 @@ def forward_collect(
         forward_only=True,
     )
     return collected
+
+
+def pad_batch(seqs: list[list[int]], rows: int, pad_id: int = 0) -> torch.Tensor:
+    """Right-padded ``[rows, max_len]`` token ids (rows beyond ``len(seqs)`` are all padding). Causal attention
+    means right padding never changes the log-probs of real positions."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((rows, width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def completion_logprobs(model, info, vocab_size: int, prompts: list[list[int]], completions: list[list[int]],
+                        temperature: float = 1.0, micro_batch: int = 8) -> list[torch.Tensor] | None:
+    """The learner's log-probs of each completion's tokens given its prompt (fp32, [len(completion)] each), on the
+    last pipeline stage; None on other stages. All learner ranks call it together with the same inputs."""
+    from megatron_async_rlhf.learner.logprobs import vocab_parallel_logprobs
+
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    n = len(seqs)
+    rows = -(-n // micro_batch) * micro_batch
+    tokens = pad_batch(seqs, rows)
+    chunks = list(tokens.split(micro_batch))
+    model.eval()
+    outs = forward_collect(
+        model, chunks,
+        lambda logits, i: vocab_parallel_logprobs(logits[:, :-1], chunks[i][:, 1:], vocab_size, temperature),
+    )
+    if not info.last:
+        return None
+    lp = torch.cat(outs)  # [rows, S-1]; position j holds log p(token j+1 | tokens <= j)
+    return [lp[i, len(p) - 1: len(p) - 1 + len(c)].clone() for i, (p, c) in enumerate(zip(prompts, completions))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +72,13 @@ class EngineSettings:
 class RolloutEngine:
     def __init__(self, settings: EngineSettings, index: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if not torch.cuda.is_available() else "1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM's own import-time deprecation noise, and its note that rotary embeddings have no weights to reload
+        warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated")
         from vllm import LLM
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda r: "RotaryEmbedding: Failed to load weights" not in r.getMessage())
 
         self.settings, self.index, self.version = settings, index, 0
         t0 = time.perf_counter()
@@ -133,3 +140,10 @@ class RolloutEngine:
             self.llm.collective_rpc("load_hf_weights", args=(to_safetensors_bytes(named),))
         self.llm.reset_prefix_cache()
         self.version = version
+
+    def close(self) -> None:
+        """Shut the engine down now, while the process groups it was built on still exist."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            self.llm = None

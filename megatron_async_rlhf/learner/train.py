@@ -1,0 +1,88 @@
+"""Learner training: megatron-core DDP + optimizer, and one optimizer step over micro-batches through the pipeline
+schedule. The loss is a plug-in: ``loss_fn(logprobs [b, s-1], batch) -> (loss, metrics)``, computed on the last
+pipeline stage from vocab-parallel log-probs (exact under TP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from megatron_async_rlhf.learner.logprobs import vocab_parallel_logprobs
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over the learner's data-parallel ranks."""
+
+
+def wrap_for_training(model, oc: OptimConfig):
+    """(DDP-wrapped model, megatron optimizer). The unwrapped ``model`` stays the one the weight mapping addresses."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    cfg = model.config
+    ddp = DistributedDataParallel(
+        config=cfg,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                 use_distributed_optimizer=oc.distributed_optimizer),
+        module=model,
+    )
+    # DP all-reduce of grads and the tied-embedding all-reduce between first and last PP stages
+    cfg.finalize_model_grads_func = finalize_model_grads
+    ocfg = OptimizerConfig(
+        optimizer="adam", lr=oc.lr, weight_decay=oc.weight_decay, adam_beta1=oc.adam_beta1,
+        adam_beta2=oc.adam_beta2, clip_grad=oc.clip_grad, bf16=cfg.bf16, fp16=cfg.fp16,
+        params_dtype=cfg.params_dtype, use_distributed_optimizer=oc.distributed_optimizer,
+    )
+    # only the first two arguments: the third positional argument changed meaning across megatron-core releases
+    return ddp, get_megatron_optimizer(ocfg, [ddp])
+
+
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab_size: int,
+               temperature: float = 1.0) -> dict:
+    """One optimizer step. Each micro-batch is a dict with ``tokens [b, s]`` (and whatever ``loss_fn`` reads);
+    all micro-batches share one shape. Returns the averaged metrics on the last stage ({} elsewhere) plus grad norm."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ddp.train()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    it = iter(micro_batches)
+    metrics: list[dict] = []
+
+    def loss_func(batch, output):
+        lp = vocab_parallel_logprobs(output[:, :-1], batch["tokens"][:, 1:], vocab_size, temperature)  # [b, s-1]
+        loss, m = loss_fn(lp, batch)
+        metrics.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in m.items()})
+        return loss, {}
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        return model(tokens, pos, None), partial(loss_func, batch)
+
+    b, s = micro_batches[0]["tokens"].shape
+    get_forward_backward_func()(
+        forward_step_func=step, data_iterator=it, model=[ddp], num_microbatches=len(micro_batches),
+        seq_length=s, micro_batch_size=b, forward_only=False,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]} if metrics else {}
+    out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    out["update_ok"] = bool(ok)
+    return out

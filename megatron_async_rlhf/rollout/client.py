@@ -1,0 +1,114 @@
+"""The learner's side of the rollout pool: generation requests, weight syncs, shutdown.
+
+Only the controller (learner rank 0) talks to the engines; every learner rank takes part in a weight sync (TP ranks
+gather, each stage's owner broadcasts its stage). A request can be left in flight while the learner trains
+(``submit_generate`` / ``collect``): that is the asynchronous schedule's overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch.distributed as dist
+
+from megatron_async_rlhf.cluster import ClusterContext, RolloutError
+from megatron_async_rlhf.rollout.engine import Sample, SamplingSettings
+from megatron_async_rlhf.weights.gather import stage_hf_tensors
+from megatron_async_rlhf.weights.sync import send_stage
+
+log = logging.getLogger(__name__)
+
+
+class RolloutClient:
+    def __init__(self, ctx: ClusterContext):
+        self.ctx = ctx
+        self.engines = ctx.cfg.rollout_engines
+        self._pending: list[tuple[int, int]] | None = None  # (engine group rank, number of prompts) in flight
+        self.last_sync: dict = {}
+        if ctx.is_controller:  # engines report once they are up; nothing is timed before that
+            for e in range(self.engines):
+                ctx.control.recv_obj(e + 1, "starting up (loading the model)", timeout_s=ctx.cfg.startup_timeout_s)
+
+    # ----- generation (controller only) ------------------------------------------------------------------------
+    def submit_generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> None:
+        """Send the prompts, split evenly over the engines, without waiting for the samples."""
+        assert self.ctx.is_controller, "only learner rank 0 talks to the engines"
+        if self._pending is not None:
+            raise RuntimeError("a generation request is already in flight; collect() it first")
+        self._pending = []
+        per = -(-len(prompts) // self.engines)
+        for e in range(self.engines):
+            chunk = prompts[e * per:(e + 1) * per]
+            if not chunk:
+                continue
+            self.ctx.control.send_obj({"cmd": "generate", "prompts": chunk, "sampling": sampling,
+                                       "first_index": e * per}, e + 1, f"sending {len(chunk)} prompts")
+            self._pending.append((e + 1, len(chunk)))
+
+    def collect(self) -> list[Sample]:
+        """Wait (up to cluster.timeout_s per engine) for the samples of the request in flight."""
+        assert self._pending is not None, "no generation request in flight"
+        out: list[Sample] = []
+        pending, self._pending = self._pending, None
+        for peer, n in pending:
+            reply = self.ctx.control.recv_obj(peer, f"generating {n} prompts")
+            out += reply["samples"]
+        return out
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Sample]:
+        self.submit_generate(prompts, sampling)
+        return self.collect()
+
+    def score(self, sequences: list[list[int]], engine: int = 0) -> list[list[float]]:
+        """The engine's log-probs of given sequences (tokens 1..L-1) under its current weights."""
+        self.ctx.control.send_obj({"cmd": "score", "sequences": sequences}, engine + 1, "sending sequences to score")
+        return self.ctx.control.recv_obj(engine + 1, f"scoring {len(sequences)} sequences")["logprobs"]
+
+    # ----- weights (every learner rank) ------------------------------------------------------------------------
+    def sync_weights(self, model, info, cfg, version: int) -> dict:
+        """Push the learner's current weights to every engine as ``version``. Collective over the learner pool."""
+        from megatron.core import parallel_state as ps
+
+        if self._pending is not None:
+            raise RuntimeError("weights cannot change while a generation request is in flight; collect() first")
+        t0 = time.perf_counter()
+        if self.ctx.is_controller:
+            for e in range(self.engines):
+                self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp}, e + 1,
+                                          f"starting weight sync v{version}")
+        sent = 0
+        if ps.get_data_parallel_rank() == 0:
+            named = stage_hf_tensors(model, info, cfg)  # collective over this stage's TP group
+            if info.tp_rank == 0:
+                bucket = int(self.ctx.cfg.bucket_mb * 2**20)
+                sent = send_stage(self.ctx.bridges[info.pp_rank], named, bucket,
+                                  f"receiving weights v{version} of stage {info.pp_rank}")
+            else:
+                for _ in named:  # take part in the TP gathers; the stage owner sends
+                    pass
+        stats = {}
+        if self.ctx.is_controller:
+            acks = [self.ctx.control.recv_obj(e + 1, f"loading weights v{version}") for e in range(self.engines)]
+            bad = [a["version"] for a in acks if a["version"] != version]
+            if bad:
+                raise RolloutError(f"engines report versions {bad} after syncing v{version}")
+            secs = time.perf_counter() - t0
+            nbytes = acks[0]["bytes"]
+            stats = {"sync_seconds": secs, "sync_bytes": nbytes, "sync_gbps": nbytes / secs / 1e9,
+                     "engine_load_s": max(a["load_s"] for a in acks), "tensors": acks[0]["tensors"]}
+            log.info("weight sync v%d: %.3f s, %.2f MB to %d engine(s), %.3f GB/s effective (engine load %.3f s)",
+                     version, secs, nbytes / 1e6, self.engines, stats["sync_gbps"], stats["engine_load_s"])
+        self.last_sync = stats
+        dist.barrier()  # the whole learner pool leaves the sync together
+        return stats
+
+    def shutdown(self) -> list[dict]:
+        if not self.ctx.is_controller:
+            return []
+        out = []
+        for e in range(self.engines):
+            self.ctx.control.send_obj({"cmd": "shutdown"}, e + 1, "asking to shut down")
+            out.append(self.ctx.control.recv_obj(e + 1, "shutting down"))
+        self.ctx.store.set(f"{self.ctx.session}/shutdown", "1")
+        return out
