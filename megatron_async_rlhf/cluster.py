@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -83,27 +84,30 @@ class Channel:
     def _name(self, group_rank: int) -> str:
         return self.names.get(self.members[group_rank], f"rank {self.members[group_rank]}")
 
-    def _wait(self, work, peer: int, what: str, timeout_s: float | None):
+    def _run(self, start, peer: int, what: str, timeout_s: float | None) -> None:
+        """Start an operation (``start()`` returns its Work) and wait for it; any failure becomes a RolloutError that
+        names the peer and what it was doing."""
         t = timeout_s or self.timeout_s
         try:
-            ok = work.wait(datetime.timedelta(seconds=t))
-        except Exception as e:  # gloo: connection closed by a dead peer, or its own timeout
-            raise RolloutError(f"{self._name(peer)} did not answer while {what}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''} (timeout {t:.0f} s)") from e
+            ok = start().wait(datetime.timedelta(seconds=t))
+        except Exception as e:  # gloo: connection closed by a dead peer, a pair closed by an earlier timeout, ...
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise RolloutError(f"{self._name(peer)} did not answer while {what}: {type(e).__name__}: {first} "
+                               f"(timeout {t:.0f} s)") from e
         if ok is False:
             raise RolloutError(f"{self._name(peer)} did not answer within {t:.0f} s while {what}")
 
     def send_obj(self, obj, dst: int, what: str, timeout_s: float | None = None) -> None:
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
         header = torch.tensor([payload.numel()], dtype=torch.int64)
-        self._wait(self.pg.send([header], dst, 0), dst, what, timeout_s)
-        self._wait(self.pg.send([payload], dst, 1), dst, what, timeout_s)
+        self._run(lambda: self.pg.send([header], dst, 0), dst, what, timeout_s)
+        self._run(lambda: self.pg.send([payload], dst, 1), dst, what, timeout_s)
 
     def recv_obj(self, src: int, what: str, timeout_s: float | None = None):
         header = torch.empty(1, dtype=torch.int64)
-        self._wait(self.pg.recv([header], src, 0), src, what, timeout_s)
+        self._run(lambda: self.pg.recv([header], src, 0), src, what, timeout_s)
         payload = torch.empty(int(header.item()), dtype=torch.uint8)
-        self._wait(self.pg.recv([payload], src, 1), src, what, timeout_s)
+        self._run(lambda: self.pg.recv([payload], src, 1), src, what, timeout_s)
         return pickle.loads(payload.numpy().tobytes())
 
     def broadcast(self, t: torch.Tensor, root: int, what: str, timeout_s: float | None = None) -> torch.Tensor:
@@ -113,7 +117,7 @@ class Channel:
         opts = dist.BroadcastOptions()
         opts.rootRank = root
         peer = root if self.rank != root else (1 if len(self.members) > 1 else 0)
-        self._wait(self.pg.broadcast([buf], opts), peer, what, timeout_s)
+        self._run(lambda: self.pg.broadcast([buf], opts), peer, what, timeout_s)
         return buf
 
     def broadcast_obj(self, obj, root: int, what: str):
@@ -146,25 +150,40 @@ class ClusterContext:
         return self.role.rank == 0
 
 
-def setup(cfg: ClusterConfig, session: str = "mrlhf") -> ClusterContext:
+def setup(cfg: ClusterConfig, session: str = "mrlhf", world_size: int | None = None) -> ClusterContext | None:
     """Build this rank's groups. All ranks of the launch call it together. ``session`` prefixes every store key, so a
-    set of processes can be re-partitioned (the tests run several layouts on one set of processes)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    set of processes can be re-partitioned (the tests run several layouts on one set of processes); there
+    ``world_size`` may be smaller than the launch, and ranks beyond it get None (they sit the session out)."""
+    rank = int(os.environ["RANK"])
+    world = world_size or int(os.environ["WORLD_SIZE"])
     cfg.validate(world_size=world, cuda=torch.cuda.is_available())
+    if rank >= world:
+        return None
     store = connect_store(cfg.timeout_s)
     role = role_of(rank, cfg)
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if role.kind == "learner":
+        if "megatron_async_rlhf.rollout.server" in sys.modules:  # this process was an engine in an earlier session
+            sys.modules["megatron_async_rlhf.rollout.server"].close_engines()
         if dist.is_initialized():
             dist.destroy_process_group()
+        # learner ranks wait in their own collectives while the controller waits on the rollout pool (an engine's
+        # start-up, a generation call): size the learner group's timeout for the longest such wait
+        learner_timeout = datetime.timedelta(seconds=cfg.startup_timeout_s + cfg.timeout_s)
         dist.init_process_group(backend, store=dist.PrefixStore(f"{session}/learner/", store),
-                                rank=role.learner_rank, world_size=cfg.learner_world, timeout=timeout)
-    elif role.kind == "engine" and not dist.is_initialized():
+                                rank=role.learner_rank, world_size=cfg.learner_world, timeout=learner_timeout)
+    elif role.kind == "engine" and not (dist.is_initialized() and dist.get_world_size() == 1):
         # vLLM builds its own world from the default group; give it a 1-rank one (never the full launch's world,
-        # where vLLM would wait forever for the learners)
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"engine{role.engine}-{rank}/", store), rank=0,
-                                world_size=1, timeout=timeout)
+        # where vLLM would wait forever for the learners). A default group left from an earlier session in which
+        # this process was a learner is replaced.
+        if dist.is_initialized():
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"{session}/engine{role.engine}-{rank}/", store),
+                                rank=0, world_size=1, timeout=timeout)
     names = {r: f"learner stage owner rank {r}" for r in weight_owners(cfg)}
     names.update({r: f"rollout engine {i} (rank {r})" for i, r in enumerate(engine_leaders(cfg))})
     bridges = {}

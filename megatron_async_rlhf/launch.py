@@ -85,11 +85,12 @@ class WorkerGroup:
     sets up its own groups from the store (a learner pool and a rollout pool, see cluster.py)."""
 
     def __init__(self, world: int, threads_per_rank: int = 1, timeout_s: float = 600.0, env: dict | None = None,
-                 default_group: bool = True):
+                 default_group: bool = True, grace_s: float = 30.0):
         import torch.distributed as dist
 
         self.world = world
         self.timeout_s = timeout_s
+        self.grace_s = grace_s
         ctx = mp.get_context("spawn")
         port = free_port()
         self._store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
@@ -114,28 +115,36 @@ class WorkerGroup:
         self._collect("start-up", expect="ready")
 
     def _collect(self, what: str, expect: str = "ok") -> list[Any]:
+        """Per-rank results of the job in flight. A rank's error is raised at once. When a rank dies, the others get
+        ``grace_s`` to finish (their own error, e.g. "engine 1 did not answer", says more than the death)."""
         out: list[Any] = [None] * self.world
         pending = set(range(self.world))
         deadline = time.monotonic() + self.timeout_s
-        while pending:
+        dead: dict[int, int | None] = {}
+        while pending - set(dead):
             try:
                 rank, status, payload = self._results.get(timeout=1.0)
             except queue.Empty:
-                dead = [r for r in pending if not self._procs[r].is_alive()]
-                if dead:
-                    self.close(force=True)
-                    raise WorkerError(f"worker rank(s) {dead} died during {what} (exit codes "
-                                      f"{[self._procs[r].exitcode for r in dead]})")
-                if time.monotonic() > deadline:
-                    self.close(force=True)
-                    raise WorkerError(f"{what} did not finish within {self.timeout_s:.0f} s on rank(s) "
-                                      f"{sorted(pending)}")
+                now = time.monotonic()
+                for r in pending:
+                    if r not in dead and not self._procs[r].is_alive():
+                        dead[r] = self._procs[r].exitcode
+                        deadline = min(deadline, now + self.grace_s)
+                if now > deadline:
+                    break
                 continue
             if status == "error":
                 self.close(force=True)
-                raise WorkerError(f"rank {rank} failed during {what}:\n{payload}")
+                died = f" (rank(s) {sorted(dead)} had died)" if dead else ""
+                raise WorkerError(f"rank {rank} failed during {what}{died}:\n{payload}")
             out[rank] = payload
             pending.discard(rank)
+        if dead:
+            self.close(force=True)
+            raise WorkerError(f"worker rank(s) {sorted(dead)} died during {what} (exit codes {list(dead.values())})")
+        if pending:
+            self.close(force=True)
+            raise WorkerError(f"{what} did not finish within {self.timeout_s:.0f} s on rank(s) {sorted(pending)}")
         return out
 
     def run(self, fn: Callable, *args, **kwargs) -> list[Any]:

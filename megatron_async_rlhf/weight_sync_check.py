@@ -28,12 +28,14 @@ def engine_settings(hf_dir: str, rc: RolloutConfig, tp: int) -> EngineSettings:
 
 def check_job(session: str, cluster: dict, hf_dir: str, num_prompts: int = 4, max_new_tokens: int = 12,
               n: int = 2, seed: int = 0, lr: float = 0.05, stop_token_ids: tuple[int, ...] = (),
-              rollout: dict | None = None) -> dict | None:
+              rollout: dict | None = None, world_size: int | None = None) -> dict | None:
     from megatron_async_rlhf.rollout.server import serve
 
     ccfg = from_dict(ClusterConfig, cluster)
     rcfg = from_dict(RolloutConfig, rollout)
-    ctx = setup(ccfg, session)
+    ctx = setup(ccfg, session, world_size)
+    if ctx is None:
+        return None
     if ctx.role.kind != "learner":
         return {"engine": ctx.role.engine, **serve(ctx, engine_settings(hf_dir, rcfg, ccfg.rollout_tp))}
     return _learner_side(ctx, hf_dir, num_prompts, max_new_tokens, n, seed, lr, stop_token_ids)

