@@ -1,8 +1,8 @@
-"""``python -m megatron_async_rlhf``: the main job (see README)."""
+"""``python -m megatron_async_rlhf [hydra overrides]``: the main job, asynchronous RLHF (default: the tiny CPU recipe)."""
 
 import sys
 
-from megatron_async_rlhf.demo import main
+from megatron_async_rlhf.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -109,3 +109,143 @@ def from_dict(cls, d: dict | None):
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = "tiny:tiny-gqa"
+    """HF model directory, or ``tiny:<preset>`` to make a tiny random LLaMA with an offline tokenizer locally."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "arithmetic"
+    """``arithmetic`` (built in) or a ``datasets`` source: hub name (clusters) or local json/jsonl/parquet path."""
+    name: str | None = None
+    split: str = "train"
+    eval_split: str = "test"
+    prompt_key: str = "question"
+    answer_key: str = "answer"
+    max_prompt_len: int = 32
+    """Longest prompt in tokens; longer prompts are an error at start-up."""
+    use_chat_template: bool = False
+    max_operand: int = 9
+    """Arithmetic task: operands in [0, max_operand]."""
+    train_size: int = 4096
+    eval_size: int = 128
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    steps: int = 0
+    """Supervised warm-start steps on (prompt, answer) before RL (mode=sft: only this)."""
+    batch_size: int = 32
+    lr: float = 1e-3
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    name: str = "online_dpo"
+    """online_dpo | rloo | ppo"""
+    steps: int = 20
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 2
+    """k: completions per prompt (online DPO pairs the best and worst)."""
+    max_staleness: int = 1
+    """N: optimizer steps a sample's weights may lag the learner (0 = synchronous)."""
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    """online DPO: sigmoid (DPO) or ipo."""
+    kl_coef: float = 0.05
+    """RLOO: KL-to-reference penalty in the reward."""
+    clip_eps: float = 0.2
+    tis_cap: float = 2.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    lr: float = 1e-4
+    micro_batch: int = 16
+    clip_grad: float = 1.0
+
+    def validate(self) -> "AlgorithmConfig":
+        from megatron_async_rlhf.algorithms import ALGORITHMS
+
+        if self.name not in ALGORITHMS:
+            raise ConfigError(f"algorithm.name={self.name!r} unknown; choose one of {list(ALGORITHMS)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"algorithm.samples_per_prompt={self.samples_per_prompt}: {self.name} needs k >= 2 "
+                              "samples per prompt (pairs / a baseline)")
+        if self.max_staleness < 0:
+            raise ConfigError(f"algorithm.max_staleness={self.max_staleness} must be >= 0 (0 = synchronous)")
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise ConfigError(f"algorithm.loss_type={self.loss_type!r}: use sigmoid or ipo")
+        for k in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"algorithm.{k} must be >= 1")
+        return self
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    kind: str = "math"
+    """math (verifiable final answer) | reward_model (an HF sequence classifier at reward_model_path)"""
+    reward_model_path: str = ""
+    missing_eos_penalty: float = 0.0
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    out_dir: str = "runs/tiny"
+    wandb_mode: str = "offline"
+    """offline | online | disabled"""
+    wandb_project: str = "megatron_async_rlhf"
+    save_every: int = 0
+    """Export the policy (HF safetensors) every N steps; 0: only at the end."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    mode: str = "rl"
+    """rl (warm start if sft.steps > 0, then RL) | sft (supervised only)"""
+    seed: int = 0
+    pin_cpus: bool = True
+    """CPU: pin learner ranks and engine ranks to separate cores."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, cuda: bool = False) -> "RunConfig":
+        if self.mode not in ("rl", "sft"):
+            raise ConfigError(f"mode={self.mode!r}: use rl or sft")
+        self.algorithm.validate()
+        self.cluster.validate(cuda=cuda)
+        if self.reward.kind not in ("math", "reward_model"):
+            raise ConfigError(f"reward.kind={self.reward.kind!r}: use math or reward_model")
+        if self.reward.kind == "reward_model" and not self.reward.reward_model_path:
+            raise ConfigError("reward.kind=reward_model needs reward.reward_model_path")
+        need = self.data.max_prompt_len + self.algorithm.max_new_tokens
+        if need > self.rollout.max_model_len:
+            raise ConfigError(f"data.max_prompt_len ({self.data.max_prompt_len}) + algorithm.max_new_tokens "
+                              f"({self.algorithm.max_new_tokens}) = {need} > rollout.max_model_len "
+                              f"({self.rollout.max_model_len}): the context cannot hold prompt + completion")
+        return self
+
+
+def run_config_from_dict(d: dict) -> RunConfig:
+    """Nested dict (e.g. hydra's resolved config) -> RunConfig, with unknown keys rejected at every level."""
+    d = dict(d)
+    sub = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    classes = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "algorithm": AlgorithmConfig,
+               "reward": RewardConfig, "cluster": ClusterConfig, "rollout": RolloutConfig, "logging": LoggingConfig}
+    unknown = sorted(set(d) - set(sub))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sub)}")
+    kw = {k: from_dict(classes[k], d.get(k)) for k in classes}
+    kw.update({k: d[k] for k in ("mode", "seed", "pin_cpus") if k in d})
+    return RunConfig(**kw)

@@ -60,23 +60,29 @@ def pad_batch(seqs: list[list[int]], rows: int, pad_id: int = 0) -> torch.Tensor
 
 
 @torch.no_grad()
-def completion_logprobs(model, info, vocab_size: int, prompts: list[list[int]], completions: list[list[int]],
-                        temperature: float = 1.0, micro_batch: int = 8) -> list[torch.Tensor] | None:
-    """The learner's log-probs of each completion's tokens given its prompt (fp32, [len(completion)] each), on the
-    last pipeline stage; None on other stages. All learner ranks call it together with the same inputs."""
+def token_logprobs(model, tokens: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                   micro_batch: int = 8) -> torch.Tensor | None:
+    """``[R, S-1]`` log-probs of tokens 1..S-1 of each row (position j: log p(token j+1 | tokens <= j)) on the last
+    pipeline stage, None elsewhere. ``R`` must be a multiple of ``micro_batch``. All learner ranks call it."""
     from megatron_async_rlhf.learner.logprobs import vocab_parallel_logprobs
+    from megatron.core import parallel_state as ps
 
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    n = len(seqs)
-    rows = -(-n // micro_batch) * micro_batch
-    tokens = pad_batch(seqs, rows)
     chunks = list(tokens.split(micro_batch))
     model.eval()
     outs = forward_collect(
         model, chunks,
         lambda logits, i: vocab_parallel_logprobs(logits[:, :-1], chunks[i][:, 1:], vocab_size, temperature),
     )
-    if not info.last:
+    return torch.cat(outs) if ps.is_pipeline_last_stage() else None
+
+
+def completion_logprobs(model, info, vocab_size: int, prompts: list[list[int]], completions: list[list[int]],
+                        temperature: float = 1.0, micro_batch: int = 8) -> list[torch.Tensor] | None:
+    """The learner's log-probs of each completion's tokens given its prompt (fp32, [len(completion)] each), on the
+    last pipeline stage; None on other stages. All learner ranks call it together with the same inputs."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    rows = -(-len(seqs) // micro_batch) * micro_batch
+    lp = token_logprobs(model, pad_batch(seqs, rows), vocab_size, temperature, micro_batch)
+    if lp is None:
         return None
-    lp = torch.cat(outs)  # [rows, S-1]; position j holds log p(token j+1 | tokens <= j)
     return [lp[i, len(p) - 1: len(p) - 1 + len(c)].clone() for i, (p, c) in enumerate(zip(prompts, completions))]

@@ -1,0 +1,103 @@
+"""Entry point: asynchronous RLHF (``python -m megatron_async_rlhf [hydra overrides]``).
+
+    rollout pool: serve()                     learner pool: warm start (sft) -> sync v0 -> Schedule.run(rl_step)
+
+The schedule (schedule.py) decides when batches are requested, collected and trained and when weights move; one step
+is learner/step.py; the losses are algorithms/. Started under torchrun it uses torchrun's ranks; otherwise it starts
+``cluster.world`` local processes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+
+import torch
+
+from megatron_async_rlhf.config import RunConfig, run_config_from_dict
+from megatron_async_rlhf.hf_llama import ConfigError
+
+log = logging.getLogger("megatron_async_rlhf")
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def load_config(overrides: list[str]) -> RunConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            raw = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    except HydraException as e:
+        recipes = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "recipe")) if f.endswith(".yaml"))
+        raise ConfigError(f"{e}\nKnown recipes: {recipes}") from e
+    return run_config_from_dict(raw).validate(cuda=torch.cuda.is_available())
+
+
+def prepare_model(cfg: RunConfig) -> str:
+    """The HF directory the run starts from (a tiny local model is made once under the run directory)."""
+    path = cfg.model.path
+    if path.startswith("tiny:"):
+        from megatron_async_rlhf.tiny import make_tiny_llama
+
+        out = os.path.join(cfg.logging.out_dir, "init_model")
+        if not os.path.exists(os.path.join(out, "config.json")):
+            make_tiny_llama(out, path.split(":", 1)[1], seed=cfg.seed)
+        return out
+    return path
+
+
+def _pin_cpus(ctx) -> None:
+    """CPU: learner ranks and rollout ranks on disjoint cores, so generation and training really run side by side."""
+    cores = sorted(os.sched_getaffinity(0))
+    n_learn = ctx.cfg.learner_world
+    if len(cores) < ctx.cfg.world:
+        mine = [cores[0]] if ctx.role.kind == "learner" else [cores[-1]]
+    else:
+        mine = [cores[ctx.role.rank]]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(1)
+    log.info("rank %d (%s) pinned to cores %s (%d learner ranks)", ctx.role.rank, ctx.role.kind, mine, n_learn)
+
+
+def job(cfg_dict: dict, model_path: str) -> dict | None:
+    from megatron_async_rlhf.cluster import setup
+    from megatron_async_rlhf.rollout.server import serve
+    from megatron_async_rlhf.weight_sync_check import engine_settings
+
+    cfg = run_config_from_dict(cfg_dict)
+    ctx = setup(cfg.cluster, "run")
+    if cfg.pin_cpus and not torch.cuda.is_available():
+        _pin_cpus(ctx)
+    if ctx.role.kind != "learner":
+        return serve(ctx, engine_settings(model_path, cfg.rollout, cfg.cluster.rollout_tp))
+    from megatron_async_rlhf.trainer import Trainer
+
+    return Trainer(cfg, ctx, model_path).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(list(sys.argv[1:] if argv is None else argv))
+        model_path = prepare_model(cfg)
+        from megatron_async_rlhf.trainer import preflight
+
+        preflight(cfg, model_path)  # every contract checked before any process starts
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from megatron_async_rlhf.launch import run_distributed
+
+    t0 = time.time()
+    results = run_distributed(cfg.cluster.world, job, dataclasses.asdict(cfg), model_path, default_group=False,
+                              timeout_s=24 * 3600)
+    summary = results[0]
+    if summary is None:
+        return 0
+    log.info("finished in %.1f s: %s", time.time() - t0, summary)
+    return 0

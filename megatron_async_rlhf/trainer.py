@@ -1,0 +1,190 @@
+"""The learner pool's side of a run: data, warm start, reference model, the schedule, evaluation, exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+
+import torch
+import torch.distributed as dist
+
+from megatron_async_rlhf.config import RunConfig
+from megatron_async_rlhf.data.tasks import Row, arithmetic_rows, dataset_rows, tokenize_prompts
+from megatron_async_rlhf.hf_llama import ConfigError, read_config, validate_parallel
+
+log = logging.getLogger("megatron_async_rlhf")
+
+
+def load_rows(cfg: RunConfig) -> tuple[list[Row], list[Row]]:
+    d = cfg.data
+    if d.source == "arithmetic":
+        rows = arithmetic_rows(d.train_size + d.eval_size, d.seed, d.max_operand)
+        return rows[: d.train_size], rows[d.train_size:]
+    return (dataset_rows(d.source, d.split, d.prompt_key, d.answer_key, d.name, d.train_size),
+            dataset_rows(d.source, d.eval_split, d.prompt_key, d.answer_key, d.name, d.eval_size))
+
+
+def preflight(cfg: RunConfig, model_path: str) -> None:
+    """Model, layout, data and prompt lengths, checked in the launching process before any worker starts."""
+    from transformers import AutoTokenizer
+
+    mc = read_config(model_path)
+    validate_parallel(mc, cfg.cluster.learner_tp, cfg.cluster.learner_pp)
+    train, ev = load_rows(cfg)
+    if len(train) < cfg.algorithm.prompts_per_step:
+        raise ConfigError(f"data has {len(train)} training prompts < algorithm.prompts_per_step")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tokenize_prompts(tok, train + ev, cfg.data.max_prompt_len, cfg.data.use_chat_template)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ctx, model_path: str):
+        from transformers import AutoTokenizer
+
+        self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.train_rows, self.eval_rows = load_rows(cfg)
+        self.train_ids = tokenize_prompts(self.tok, self.train_rows, cfg.data.max_prompt_len, cfg.data.use_chat_template)
+        self.eval_ids = tokenize_prompts(self.tok, self.eval_rows, cfg.data.max_prompt_len, cfg.data.use_chat_template)
+        self.rng = random.Random(cfg.seed)
+        self.metrics = None
+        if ctx.is_controller:
+            from megatron_async_rlhf.metrics import Metrics
+
+            self.metrics = Metrics(cfg.logging.out_dir, dataclasses.asdict(cfg), cfg.logging.wandb_mode,
+                                   cfg.logging.wandb_project, cfg.algorithm.steps)
+        self.reward_model = None
+        if cfg.reward.kind == "reward_model" and ctx.is_controller:
+            from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
+
+            self.reward_model = RewardModelScorer(cfg.reward.reward_model_path)
+
+    # ----- rewards (controller) --------------------------------------------------------------------------------
+    def rewards(self, samples, rows: list[Row]) -> torch.Tensor:
+        from megatron_async_rlhf.rewards import apply_penalties, math_reward
+
+        texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+        if self.reward_model is not None:
+            r = self.reward_model.score([rows[s.prompt_index].prompt for s in samples], texts)
+        else:
+            r = torch.tensor([math_reward(t, rows[s.prompt_index].answer) for t, s in zip(texts, samples)])
+        return apply_penalties(r, [s.finish_reason for s in samples], self.cfg.reward.missing_eos_penalty)
+
+    def _shared_rewards(self, samples, rows) -> torch.Tensor:
+        box = [self.rewards(samples, rows) if self.ctx.is_controller else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ----- phases -----------------------------------------------------------------------------------------------
+    def warm_start(self, ddp, opt, vocab_size: int) -> None:
+        from megatron_async_rlhf.learner.step import sft_step
+
+        sc = self.cfg.sft
+        eos = self.tok.eos_token_id
+        for step in range(sc.steps):
+            idx = [self.rng.randrange(len(self.train_rows)) for _ in range(sc.batch_size)]
+            answers = [self.tok(" " + self.train_rows[i].answer, add_special_tokens=False)["input_ids"] + [eos]
+                       for i in idx]
+            out = sft_step(ddp, opt, [self.train_ids[i] for i in idx], answers, vocab_size, sc.batch_size)
+            if self.metrics and (step % 10 == 0 or step == sc.steps - 1):
+                self.metrics.log(step, "sft", **{k: v for k, v in out.items() if isinstance(v, float)})
+
+    def evaluate(self, client, step: int) -> float | None:
+        from megatron_async_rlhf.rollout.engine import SamplingSettings
+
+        if not self.ctx.is_controller:
+            return None
+        ac = self.cfg.algorithm
+        samples = client.generate(self.eval_ids, SamplingSettings(temperature=1e-3, max_new_tokens=ac.max_new_tokens,
+                                                                  n=1, seed=0, stop_token_ids=self._stops()))
+        acc = self.rewards(samples, self.eval_rows).clamp(min=0).mean().item()
+        self.metrics.log(step, "eval", accuracy=acc)
+        return acc
+
+    def _stops(self) -> tuple[int, ...]:
+        return (self.tok.eos_token_id,) if self.tok.eos_token_id is not None else ()
+
+    def run(self) -> dict | None:
+        from megatron_async_rlhf.learner.jobs import model_from_hf
+        from megatron_async_rlhf.learner.model import build_model
+        from megatron_async_rlhf.learner.step import rl_step
+        from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
+        from megatron_async_rlhf.rollout.client import RolloutClient
+        from megatron_async_rlhf.rollout.engine import SamplingSettings
+        from megatron_async_rlhf.schedule import Schedule
+
+        cfg, ac = self.cfg, self.cfg.algorithm
+        mcfg, model, info = model_from_hf(self.model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,
+                                          dtype=torch.float32)
+        ddp, opt = wrap_for_training(model, OptimConfig(lr=cfg.sft.lr, clip_grad=ac.clip_grad))
+        client = RolloutClient(self.ctx)  # waits for the engines
+        summary: dict = {}
+        try:
+            if cfg.sft.steps:
+                self.warm_start(ddp, opt, mcfg.vocab_size)
+            if cfg.mode == "sft":
+                self.export(model, info, mcfg, "final")
+                return {"mode": "sft", "steps": cfg.sft.steps} if self.ctx.is_controller else None
+            for g in opt.param_groups:
+                g["lr"] = ac.lr
+            ref, _ = build_model(mcfg, dtype=torch.float32, init=False)  # frozen copy of the starting policy
+            ref.load_state_dict(model.state_dict())
+            ref.requires_grad_(False)
+            client.sync_weights(model, info, mcfg, 0)
+            acc0 = self.evaluate(client, 0)
+            k = ac.samples_per_prompt
+
+            def prompts_for(i):
+                idx = [self.rng.randrange(len(self.train_rows)) for _ in range(ac.prompts_per_step)]
+                return [self.train_ids[j] for j in idx], [self.train_rows[j] for j in idx]
+
+            def train(batch):
+                rewards = self._shared_rewards(batch.samples, batch.meta)
+                return rl_step(batch, rewards, ac, ddp, opt, ref, mcfg.vocab_size)
+
+            def on_step(batch, m):
+                if self.metrics:
+                    self.metrics.log(batch.index + 1, "rl", **{k2: v for k2, v in m.items()
+                                                               if isinstance(v, (int, float))})
+                if cfg.logging.save_every and (batch.index + 1) % cfg.logging.save_every == 0:
+                    self.export(model, info, mcfg, f"step_{batch.index + 1}")
+
+            sampling = SamplingSettings(temperature=ac.temperature, top_p=ac.top_p, max_new_tokens=ac.max_new_tokens,
+                                        n=k, stop_token_ids=self._stops())
+            sched = Schedule(client, ac.max_staleness, ac.steps, prompts_for, sampling,
+                             sync=lambda v: client.sync_weights(model, info, mcfg, v))
+            stats = sched.run(train, on_step)
+            client.sync_weights(model, info, mcfg, sched.version)
+            acc1 = self.evaluate(client, ac.steps)
+            self.export(model, info, mcfg, "final")
+            if self.ctx.is_controller:
+                plot = self.metrics.plot()
+                rl = [r for r in self.metrics.rows if r["phase"] == "rl"]
+                summary = {"accuracy_before": acc0, "accuracy_after": acc1, "steps": stats.trained,
+                           "generated": stats.generated, "max_staleness_seen": max(stats.staleness),
+                           "syncs": stats.syncs, "plot": plot, "metrics": self.metrics.path,
+                           "gen_s_mean": sum(r["gen_s"] for r in rl) / len(rl),
+                           "train_s_mean": sum(r["train_s"] for r in rl) / len(rl),
+                           "rl_wall_s": rl[-1]["wall_s"] - rl[0]["wall_s"] + rl[0]["train_s"],
+                           "reward_last5": sum(r.get("reward_mean", 0) for r in rl[-5:]) / len(rl[-5:])}
+        finally:
+            client.shutdown()
+            if self.metrics:
+                self.metrics.close()
+        return summary if self.ctx.is_controller else None
+
+    def export(self, model, info, mcfg, name: str) -> None:
+        """HF safetensors + config + tokenizer of the current policy, written atomically."""
+        from megatron_async_rlhf.weights.gather import full_hf_state_dict
+        from megatron_async_rlhf.weights.hf_io import save_hf
+
+        from megatron.core import parallel_state as ps
+
+        sd = full_hf_state_dict(model, info, mcfg) if ps.get_data_parallel_rank() == 0 else None
+        if sd is not None and self.ctx.is_controller:
+            out = os.path.join(self.cfg.logging.out_dir, "policy", name)
+            save_hf(out, sd, mcfg.raw, copy_from=self.model_path)
+            log.info("exported policy to %s", out)
+        dist.barrier()
