@@ -154,6 +154,8 @@ class AlgorithmConfig:
     """k: completions per prompt (online DPO pairs the best and worst)."""
     max_staleness: int = 1
     """N: optimizer steps a sample's weights may lag the learner (0 = synchronous)."""
+    sync_every_step: bool = True
+    """Push weights after every step (freshest samples). False: only when the next batch would exceed N."""
     beta: float = 0.1
     loss_type: str = "sigmoid"
     """online DPO: sigmoid (DPO) or ipo."""

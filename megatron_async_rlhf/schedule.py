@@ -114,6 +114,7 @@ class Schedule:
                 self._submit(nxt)
             if on_step:
                 on_step(batch, {**metrics, **sync_stats, "staleness": staleness, "train_s": train_s,
+                                "batch_version": min(s.version for s in batch.samples),
                                 "gen_s": batch.gen_seconds, "version": self.version})
         if not (self.stats.generated == self.stats.trained == self.steps):
             raise RuntimeError(f"schedule accounting broken: generated {self.stats.generated}, "

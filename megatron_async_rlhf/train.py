@@ -24,18 +24,35 @@ log = logging.getLogger("megatron_async_rlhf")
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-def load_config(overrides: list[str]) -> RunConfig:
+def load_config(overrides: list[str], cuda: bool | None = None) -> RunConfig:
+    """Compose ``conf/config.yaml`` with the chosen recipe (hydra), then apply ``section.field=value`` overrides.
+    Any field of the typed config can be overridden, present in the recipe or not; unknown ones are errors."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
+    recipe = [o for o in overrides if o.startswith("recipe=")]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            raw = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+            raw = OmegaConf.to_container(compose("config", overrides=recipe[-1:]), resolve=True)
     except HydraException as e:
         recipes = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "recipe")) if f.endswith(".yaml"))
         raise ConfigError(f"{e}\nKnown recipes: {recipes}") from e
-    return run_config_from_dict(raw).validate(cuda=torch.cuda.is_available())
+    for o in overrides:
+        if o.startswith("recipe="):
+            continue
+        key, sep, value = o.lstrip("+").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {o!r}: use section.field=value, e.g. algorithm.max_staleness=0")
+        node, *path = key.split(".")
+        target = raw
+        for part in [node, *path][:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {o!r}: {part} is not a section")
+        target[key.split(".")[-1]] = yaml.safe_load(value) if value != "" else ""
+    return run_config_from_dict(raw).validate(cuda=torch.cuda.is_available() if cuda is None else cuda)
 
 
 def prepare_model(cfg: RunConfig) -> str:
@@ -64,13 +81,15 @@ def _pin_cpus(ctx) -> None:
     log.info("rank %d (%s) pinned to cores %s (%d learner ranks)", ctx.role.rank, ctx.role.kind, mine, n_learn)
 
 
-def job(cfg_dict: dict, model_path: str) -> dict | None:
+def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int | None = None) -> dict | None:
     from megatron_async_rlhf.cluster import setup
     from megatron_async_rlhf.rollout.server import serve
     from megatron_async_rlhf.weight_sync_check import engine_settings
 
     cfg = run_config_from_dict(cfg_dict)
-    ctx = setup(cfg.cluster, "run")
+    ctx = setup(cfg.cluster, session, world_size)
+    if ctx is None:
+        return None
     if cfg.pin_cpus and not torch.cuda.is_available():
         _pin_cpus(ctx)
     if ctx.role.kind != "learner":

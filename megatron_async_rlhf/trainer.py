@@ -154,7 +154,8 @@ class Trainer:
             sampling = SamplingSettings(temperature=ac.temperature, top_p=ac.top_p, max_new_tokens=ac.max_new_tokens,
                                         n=k, stop_token_ids=self._stops())
             sched = Schedule(client, ac.max_staleness, ac.steps, prompts_for, sampling,
-                             sync=lambda v: client.sync_weights(model, info, mcfg, v))
+                             sync=lambda v: client.sync_weights(model, info, mcfg, v),
+                             always_sync=ac.sync_every_step)
             stats = sched.run(train, on_step)
             client.sync_weights(model, info, mcfg, sched.version)
             acc1 = self.evaluate(client, ac.steps)
@@ -182,6 +183,13 @@ class Trainer:
 
         from megatron.core import parallel_state as ps
 
+        from megatron_async_rlhf.learner.step import NonFiniteLoss
+
+        bad = torch.tensor([0.0 if all(torch.isfinite(p).all() for p in model.parameters()) else 1.0])
+        dist.all_reduce(bad)
+        if bad.item():
+            raise NonFiniteLoss(f"policy weights are not finite; not exporting {name!r}: the last export on disk is "
+                                "the last good state")
         sd = full_hf_state_dict(model, info, mcfg) if ps.get_data_parallel_rank() == 0 else None
         if sd is not None and self.ctx.is_controller:
             out = os.path.join(self.cfg.logging.out_dir, "policy", name)
