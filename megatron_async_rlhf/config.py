@@ -104,10 +104,21 @@ class RolloutConfig:
 def from_dict(cls, d: dict | None):
     """Build a config dataclass from a plain dict, rejecting unknown keys with the list of known ones."""
     d = dict(d or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(types))
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(types)}")
+    for k, v in d.items():  # YAML reads 1e-3 as a string; command lines give strings
+        t = types[k]
+        try:
+            if t == "float" and isinstance(v, (str, int)) and not isinstance(v, bool):
+                d[k] = float(v)
+            elif t == "int" and isinstance(v, str):
+                d[k] = int(v)
+            elif t == "bool" and isinstance(v, str):
+                d[k] = {"true": True, "false": False}[v.lower()]
+        except (ValueError, KeyError):
+            raise ConfigError(f"{cls.__name__}.{k}={v!r} is not a valid {t}") from None
     return cls(**d)
 
 

@@ -41,10 +41,14 @@ def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_ti
         {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     )
+    import faulthandler
     import logging
+    import signal
 
     import torch
     import torch.distributed as dist
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints every thread's stack
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     logging.getLogger("megatron_async_rlhf").setLevel(os.environ.get("MRLHF_WORKER_LOG_LEVEL", "INFO"))

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import random
+import time
 
 import torch
 import torch.distributed as dist
@@ -97,7 +98,7 @@ class Trainer:
         if not self.ctx.is_controller:
             return None
         ac = self.cfg.algorithm
-        samples = client.generate(self.eval_ids, SamplingSettings(temperature=1e-3, max_new_tokens=ac.max_new_tokens,
+        samples = client.generate(self.eval_ids, SamplingSettings(temperature=0.01, max_new_tokens=ac.max_new_tokens,
                                                                   n=1, seed=0, stop_token_ids=self._stops()))
         acc = self.rewards(samples, self.eval_rows).clamp(min=0).mean().item()
         self.metrics.log(step, "eval", accuracy=acc)
@@ -156,7 +157,9 @@ class Trainer:
             sched = Schedule(client, ac.max_staleness, ac.steps, prompts_for, sampling,
                              sync=lambda v: client.sync_weights(model, info, mcfg, v),
                              always_sync=ac.sync_every_step)
+            t_rl = time.perf_counter()
             stats = sched.run(train, on_step)
+            rl_seconds = time.perf_counter() - t_rl
             client.sync_weights(model, info, mcfg, sched.version)
             acc1 = self.evaluate(client, ac.steps)
             self.export(model, info, mcfg, "final")
@@ -168,10 +171,18 @@ class Trainer:
                            "syncs": stats.syncs, "plot": plot, "metrics": self.metrics.path,
                            "gen_s_mean": sum(r["gen_s"] for r in rl) / len(rl),
                            "train_s_mean": sum(r["train_s"] for r in rl) / len(rl),
-                           "rl_wall_s": rl[-1]["wall_s"] - rl[0]["wall_s"] + rl[0]["train_s"],
+                           "rl_seconds": rl_seconds,
                            "reward_last5": sum(r.get("reward_mean", 0) for r in rl[-5:]) / len(rl[-5:])}
-        finally:
+        except BaseException:
+            log.exception("learner failed; stopping the rollout pool")
+            try:
+                client.shutdown()
+            except Exception as e:  # the original error matters more than a failed goodbye
+                log.warning("rollout pool shutdown failed too: %s", e)
+            raise
+        else:
             client.shutdown()
+        finally:
             if self.metrics:
                 self.metrics.close()
         return summary if self.ctx.is_controller else None

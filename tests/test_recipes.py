@@ -38,3 +38,10 @@ def test_prompt_longer_than_context_is_named(tmp_path, capsys):
     assert main([f"logging.out_dir={tmp_path}", "data.max_prompt_len=4"]) == 2
     err = capsys.readouterr().err
     assert "prompt 0 has" in err and "data.max_prompt_len=4" in err
+
+
+def test_overrides_are_typed():
+    cfg = load_config(["algorithm.lr=1e-3", "algorithm.steps=7", "pin_cpus=false"])
+    assert cfg.algorithm.lr == 1e-3 and cfg.algorithm.steps == 7 and cfg.pin_cpus is False
+    with pytest.raises(ConfigError, match="AlgorithmConfig.steps='x' is not a valid int"):
+        load_config(["algorithm.steps=x"])

@@ -51,3 +51,24 @@ def test_sync_and_async_differ_in_overlap_only(runs):
     assert [r["staleness"] for r in runs[1][1]] == [0] + [1] * (STEPS - 1)
     # N=2 syncs lazily: fewer weight pushes than N=1
     assert runs[2][0]["syncs"] < runs[1][0]["syncs"]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_export(tmp_path):
+    from megatron_async_rlhf.launch import WorkerError
+
+    cfg = load_config([f"logging.out_dir={tmp_path}", "logging.wandb_mode=disabled", "sft.steps=0",
+                       "algorithm.steps=6", "algorithm.prompts_per_step=8", "algorithm.lr=1e30",
+                       "logging.save_every=1", "data.eval_size=8", "pin_cpus=false"])
+    group = WorkerGroup(2, default_group=False, timeout_s=600)
+    try:
+        with pytest.raises(WorkerError, match="(?s)non-finite|not finite"):
+            group.run(job, dataclasses.asdict(cfg), prepare_model(cfg), "nan", 2)
+    finally:
+        group.close(force=True)
+    exported = sorted(p.name for p in (tmp_path / "policy").iterdir())
+    assert exported and "final" not in exported and not any(".tmp-" in p for p in exported)
+    import torch
+    from safetensors.torch import load_file
+
+    last = load_file(tmp_path / "policy" / exported[-1] / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in last.values())

@@ -105,8 +105,12 @@ class RolloutClient:
         return stats
 
     def shutdown(self) -> list[dict]:
+        """Stop the engines (a request still in flight is drained first: an engine busy sending its samples would
+        never read the shutdown)."""
         if not self.ctx.is_controller:
             return []
+        if self._pending is not None:
+            self.collect()
         out = []
         for e in range(self.engines):
             self.ctx.control.send_obj({"cmd": "shutdown"}, e + 1, "asking to shut down")
