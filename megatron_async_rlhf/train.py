@@ -101,8 +101,13 @@ def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int |
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args):
+        print(__doc__ + "\nOverrides: recipe=NAME (conf/recipe/*.yaml) and section.field=value for any field of "
+              "megatron_async_rlhf/config.py, e.g. algorithm.max_staleness=0 cluster.learner_tp=2")
+        return 0
     try:
-        cfg = load_config(list(sys.argv[1:] if argv is None else argv))
+        cfg = load_config(args)
         model_path = prepare_model(cfg)
         from megatron_async_rlhf.trainer import preflight
 
