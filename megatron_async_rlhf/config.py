@@ -85,7 +85,7 @@ class ClusterConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    """The engines' build settings (see rollout.engine.EngineSettings)."""
+    """The engines' build settings."""
 
     dtype: str = "float32"
     """Engine weights dtype: float32 on CPU for exact parity; bfloat16 on GPU."""
@@ -97,6 +97,8 @@ class RolloutConfig:
     """GPU: share of device memory vLLM may use."""
     seed: int = 0
     """Engine seed (each engine adds its index)."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile: compiling costs more than it saves for small models and CPU runs."""
     extra: dict = field(default_factory=dict)
     """Other vllm.LLM keyword arguments, passed through."""
 

@@ -84,7 +84,7 @@ def _pin_cpus(ctx) -> None:
 def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int | None = None) -> dict | None:
     from megatron_async_rlhf.cluster import setup
     from megatron_async_rlhf.rollout.server import serve
-    from megatron_async_rlhf.weight_sync_check import engine_settings
+    from megatron_async_rlhf.rollout.engine import EngineSettings
 
     cfg = run_config_from_dict(cfg_dict)
     ctx = setup(cfg.cluster, session, world_size)
@@ -93,7 +93,7 @@ def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int |
     if cfg.pin_cpus and not torch.cuda.is_available():
         _pin_cpus(ctx)
     if ctx.role.kind != "learner":
-        return serve(ctx, engine_settings(model_path, cfg.rollout, cfg.cluster.rollout_tp))
+        return serve(ctx, EngineSettings(model_path, cfg.cluster.rollout_tp, cfg.rollout))
     from megatron_async_rlhf.trainer import Trainer
 
     return Trainer(cfg, ctx, model_path).run()

@@ -20,12 +20,6 @@ from megatron_async_rlhf.rollout.engine import EngineSettings, SamplingSettings
 log = logging.getLogger(__name__)
 
 
-def engine_settings(hf_dir: str, rc: RolloutConfig, tp: int) -> EngineSettings:
-    return EngineSettings(model=hf_dir, tensor_parallel=tp, dtype=rc.dtype, max_model_len=rc.max_model_len,
-                          kv_cache_gib=rc.kv_cache_gib, gpu_memory_utilization=rc.gpu_memory_utilization,
-                          seed=rc.seed, extra=rc.extra)
-
-
 def check_job(session: str, cluster: dict, hf_dir: str, num_prompts: int = 4, max_new_tokens: int = 12,
               n: int = 2, seed: int = 0, lr: float = 0.05, stop_token_ids: tuple[int, ...] = (),
               rollout: dict | None = None, world_size: int | None = None) -> dict | None:
@@ -37,7 +31,7 @@ def check_job(session: str, cluster: dict, hf_dir: str, num_prompts: int = 4, ma
     if ctx is None:
         return None
     if ctx.role.kind != "learner":
-        return {"engine": ctx.role.engine, **serve(ctx, engine_settings(hf_dir, rcfg, ccfg.rollout_tp))}
+        return {"engine": ctx.role.engine, **serve(ctx, EngineSettings(hf_dir, ccfg.rollout_tp, rcfg))}
     return _learner_side(ctx, hf_dir, num_prompts, max_new_tokens, n, seed, lr, stop_token_ids)
 
 

@@ -59,13 +59,13 @@ def _finish_job(session, hf_dir, world_size):
     from megatron_async_rlhf.rollout.client import RolloutClient
     from megatron_async_rlhf.rollout.engine import SamplingSettings
     from megatron_async_rlhf.rollout.server import serve
-    from megatron_async_rlhf.weight_sync_check import engine_settings
+    from megatron_async_rlhf.rollout.engine import EngineSettings
 
     ctx = setup(ClusterConfig(rollout_engines=1, timeout_s=60), session, world_size)
     if ctx is None:
         return None
     if ctx.role.kind == "engine":
-        return serve(ctx, engine_settings(hf_dir, RolloutConfig(), 1))
+        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig()))
     client = RolloutClient(ctx)
     try:
         prompts = [[1, 40, 41, 42], [1, 50, 51]]
@@ -98,12 +98,12 @@ def _fault_job(session, hf_dir, out_path):
     from megatron_async_rlhf.rollout.client import RolloutClient
     from megatron_async_rlhf.rollout.engine import SamplingSettings
     from megatron_async_rlhf.rollout.server import serve
-    from megatron_async_rlhf.weight_sync_check import engine_settings
+    from megatron_async_rlhf.rollout.engine import EngineSettings
 
     ctx = setup(ClusterConfig(rollout_engines=2, timeout_s=5), session)
     if ctx.role.kind == "engine":
         ctx.store.set(f"engine_pid{ctx.role.engine}", str(os.getpid()))
-        return serve(ctx, engine_settings(hf_dir, RolloutConfig(), 1))
+        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig()))
     client = RolloutClient(ctx)
     pids = [int(ctx.store.get(f"engine_pid{e}")) for e in range(2)]
     result = {}

@@ -38,11 +38,11 @@ def bench_job(session, hf_dir, bucket_mbs, repeats, prompts, new_tokens):
     from megatron_async_rlhf.rollout.client import RolloutClient
     from megatron_async_rlhf.rollout.engine import SamplingSettings
     from megatron_async_rlhf.rollout.server import serve
-    from megatron_async_rlhf.weight_sync_check import engine_settings
+    from megatron_async_rlhf.rollout.engine import EngineSettings
 
     ctx = setup(ClusterConfig(rollout_engines=1, timeout_s=600), session)
     if ctx.role.kind != "learner":
-        return serve(ctx, engine_settings(hf_dir, RolloutConfig(max_model_len=512), 1))
+        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig(max_model_len=512)))
     cfg, model, info = model_from_hf(hf_dir, 1, 1, dtype=torch.float32)
     client = RolloutClient(ctx)
     rows, version = [], 0

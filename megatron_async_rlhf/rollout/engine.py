@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_async_rlhf.config import RolloutConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -53,20 +55,14 @@ class Sample:
     engine: int = 0
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class EngineSettings:
-    """How to build an engine. ``kv_cache_gib`` sizes the KV cache explicitly (vLLM's own memory probe refuses to
-    start in CPU sandboxes)."""
+    """What an engine is built from: the HF directory (config, tokenizer, initial weights), its tensor-parallel size,
+    and the run's rollout settings."""
 
-    model: str  # HF directory: config, tokenizer and the initial weights
+    model: str
     tensor_parallel: int = 1
-    dtype: str = "float32"
-    max_model_len: int = 256
-    kv_cache_gib: float = 1.0
-    gpu_memory_utilization: float = 0.85
-    seed: int = 0
-    enforce_eager: bool = True
-    extra: dict = field(default_factory=dict)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 class RolloutEngine:
@@ -81,24 +77,25 @@ class RolloutEngine:
             lambda r: "RotaryEmbedding: Failed to load weights" not in r.getMessage())
 
         self.settings, self.index, self.version = settings, index, 0
+        rc = settings.rollout
         t0 = time.perf_counter()
         kw = dict(
             model=settings.model,
             tensor_parallel_size=settings.tensor_parallel,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            seed=settings.seed,
-            enforce_eager=settings.enforce_eager,
+            dtype=rc.dtype,
+            max_model_len=rc.max_model_len,
+            seed=rc.seed + index,
+            enforce_eager=rc.enforce_eager,
             worker_extension_cls="megatron_async_rlhf.rollout.worker_ext.WeightReceiver",
             # the sampler's log-probs of the distribution it really sampled from (after temperature)
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
-            **settings.extra,
+            **rc.extra,
         )
         if torch.cuda.is_available():
-            kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
+            kw["gpu_memory_utilization"] = rc.gpu_memory_utilization
         else:
-            kw["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * 2**30)
+            kw["kv_cache_memory_bytes"] = int(rc.kv_cache_gib * 2**30)
         self.llm = LLM(**kw)
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,

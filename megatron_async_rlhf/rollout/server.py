@@ -18,7 +18,7 @@ _ENGINES: dict[tuple, RolloutEngine] = {}  # per process: a test session re-uses
 
 
 def get_engine(settings: EngineSettings, index: int) -> RolloutEngine:
-    key = (settings.model, settings.dtype, settings.max_model_len, settings.tensor_parallel, settings.seed, index)
+    key = (settings.model, settings.tensor_parallel, repr(settings.rollout), index)
     if key not in _ENGINES:
         close_engines()  # one engine per process
         _ENGINES[key] = RolloutEngine(settings, index)
