@@ -33,6 +33,9 @@ def preflight(cfg: RunConfig, model_path: str) -> None:
 
     mc = read_config(model_path)
     validate_parallel(mc, cfg.cluster.learner_tp, cfg.cluster.learner_pp)
+    if cfg.rollout.max_model_len > mc.max_position_embeddings:
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the model's "
+                          f"max_position_embeddings={mc.max_position_embeddings}; lower it")
     train, ev = load_rows(cfg)
     if len(train) < cfg.algorithm.prompts_per_step:
         raise ConfigError(f"data has {len(train)} training prompts < algorithm.prompts_per_step")

@@ -45,3 +45,8 @@ def test_overrides_are_typed():
     assert cfg.algorithm.lr == 1e-3 and cfg.algorithm.steps == 7 and cfg.pin_cpus is False
     with pytest.raises(ConfigError, match="AlgorithmConfig.steps='x' is not a valid int"):
         load_config(["algorithm.steps=x"])
+
+
+def test_context_longer_than_the_model_is_rejected(tmp_path, capsys):
+    assert main([f"logging.out_dir={tmp_path}", "rollout.max_model_len=1024"]) == 2
+    assert "exceeds the model's max_position_embeddings=256" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def bench_job(session, hf_dir, bucket_mbs, repeats, prompts, new_tokens):
 
     ctx = setup(ClusterConfig(rollout_engines=1, timeout_s=600), session)
     if ctx.role.kind != "learner":
-        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig(max_model_len=512)))
+        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig(max_model_len=256)))
     cfg, model, info = model_from_hf(hf_dir, 1, 1, dtype=torch.float32)
     client = RolloutClient(ctx)
     rows, version = [], 0
@@ -57,7 +57,7 @@ def bench_job(session, hf_dir, bucket_mbs, repeats, prompts, new_tokens):
             rows.append({"bucket_mb": mb, "sync_s": statistics.median(times), "bytes": client.last_sync["sync_bytes"]})
         g = torch.Generator().manual_seed(0)
         ps = [torch.randint(3, cfg.vocab_size, (8,), generator=g).tolist() for _ in range(prompts)]
-        sampling = SamplingSettings(max_new_tokens=new_tokens, n=2, seed=0, stop_token_ids=(-1,))
+        sampling = SamplingSettings(max_new_tokens=new_tokens, n=2, seed=0)
         client.generate(ps, sampling)  # warm-up
         t0 = time.perf_counter()
         samples = client.generate(ps, sampling)
