@@ -17,7 +17,7 @@ class Metrics:
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.total, self.t0 = out_dir, total_steps, time.time()
         self.path = os.path.join(out_dir, "metrics.jsonl")
-        self._f = open(self.path, "a")
+        self._f = open(self.path, "w")  # one run per directory: a re-run starts its metrics afresh
         self.rows: list[dict] = []
         self._wandb = None
         if wandb_mode != "disabled":
