@@ -47,7 +47,7 @@ def role_of(rank: int, cfg: ClusterConfig) -> Role:
 
 def weight_owners(cfg: ClusterConfig) -> list[int]:
     """Global rank of (tp 0, dp 0) in each pipeline stage, in megatron-core's default rank order (tp fastest, then dp,
-    pp slowest). learner.parallel checks this against parallel_state at run time."""
+    pp slowest). RolloutClient.sync_weights fails loudly if megatron-core's order ever differs."""
     return [s * cfg.learner_tp * cfg.learner_dp for s in range(cfg.learner_pp)]
 
 

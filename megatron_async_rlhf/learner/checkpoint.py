@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 
-import torch
 import torch.distributed as dist
 
 from megatron_async_rlhf.hf_llama import ConfigError

@@ -20,7 +20,7 @@ from megatron_async_rlhf.weights.mapping import padded_vocab_size
 log = logging.getLogger(__name__)
 
 try:  # optional: Transformer Engine (GPU images)
-    import transformer_engine  # noqa: F401
+    import transformer_engine  # noqa: F401  (only whether it imports matters)
 
     HAVE_TE = True
 except Exception:  # ImportError, or a TE build that fails to load without CUDA

@@ -78,12 +78,14 @@ class RolloutClient:
             for e in range(self.engines):
                 self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp}, e + 1,
                                           f"starting weight sync v{version}")
-        sent = 0
         if ps.get_data_parallel_rank() == 0:
             named = stage_hf_tensors(model, info, cfg)  # collective over this stage's TP group
             if info.tp_rank == 0:
+                if info.pp_rank not in self.ctx.bridges:
+                    raise RuntimeError(f"learner rank {dist.get_rank()} owns stage {info.pp_rank}'s weights but is not "
+                                       "on its bridge: megatron-core's rank order differs from cluster.weight_owners")
                 bucket = int(self.ctx.cfg.bucket_mb * 2**20)
-                sent = send_stage(self.ctx.bridges[info.pp_rank], named, bucket,
+                send_stage(self.ctx.bridges[info.pp_rank], named, bucket,
                                   f"receiving weights v{version} of stage {info.pp_rank}")
             else:
                 for _ in named:  # take part in the TP gathers; the stage owner sends

@@ -8,8 +8,6 @@ repacked for oneDNN.
 
 from __future__ import annotations
 
-import io
-
 import torch
 
 
@@ -37,5 +35,3 @@ def to_safetensors_bytes(named: list[tuple[str, torch.Tensor]]) -> bytes:
 
     return save({k: v.contiguous().cpu() for k, v in named})
 
-
-__all__ = ["WeightReceiver", "to_safetensors_bytes", "io"]
