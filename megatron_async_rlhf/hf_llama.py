@@ -166,3 +166,26 @@ def validate_parallel(cfg: LlamaConfig, tp: int, pp: int) -> None:
             f"Fix: use a pipeline_parallel that divides {d.num_layers}: "
             f"{[p for p in range(1, d.num_layers + 1) if d.num_layers % p == 0]}."
         )
+
+
+def check_hf_model(path: str, tp: int = 1, pp: int = 1) -> LlamaConfig:
+    """Everything a tool checks before it starts processes: a LLaMA-like config, a layout it fits, and a checkpoint
+    whose tensors match the config (names and shapes; no weights are read)."""
+    from megatron_async_rlhf.weights.hf_io import HFCheckpoint
+    from megatron_async_rlhf.weights.mapping import check_hf_state_dict
+
+    cfg = read_config(path)
+    validate_parallel(cfg, tp, pp)
+    check_hf_state_dict(HFCheckpoint(path).shapes(), cfg.dims)
+    return cfg
+
+
+def cli_exit(main) -> None:
+    """Run a tool's ``main``; input errors become one line on stderr and exit status 2 (no traceback)."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

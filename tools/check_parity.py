@@ -10,13 +10,10 @@ Last line: ``max_abs_logit_diff=<float> max_abs_logprob_diff=<float>``; exit sta
 
 import argparse
 import logging
-import sys
 
-from megatron_async_rlhf.hf_llama import read_config, validate_parallel
+from megatron_async_rlhf.hf_llama import check_hf_model, cli_exit
 from megatron_async_rlhf.launch import run_distributed
 from megatron_async_rlhf.parity import compare, hf_reference, random_batches, reported
-from megatron_async_rlhf.weights.hf_io import HFCheckpoint
-from megatron_async_rlhf.weights.mapping import check_hf_state_dict
 
 
 def main(argv=None) -> int:
@@ -33,9 +30,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # every contract checked before a process starts or a weight is read
-    cfg = read_config(args.hf)
-    validate_parallel(cfg, args.tp, args.pp)
-    check_hf_state_dict(HFCheckpoint(args.hf).shapes(), cfg.dims)
+    cfg = check_hf_model(args.hf, args.tp, args.pp)
     if args.seq_len > cfg.max_position_embeddings:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
 
@@ -54,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli_exit(main)

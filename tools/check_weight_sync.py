@@ -14,13 +14,10 @@ engine's outputs.
 import argparse
 import json
 import logging
-import sys
 
 from megatron_async_rlhf.config import ClusterConfig
-from megatron_async_rlhf.hf_llama import ConfigError, read_config, validate_parallel
+from megatron_async_rlhf.hf_llama import check_hf_model, cli_exit
 from megatron_async_rlhf.launch import run_distributed
-from megatron_async_rlhf.weights.hf_io import HFCheckpoint
-from megatron_async_rlhf.weights.mapping import check_hf_state_dict
 
 TOL = 1e-4
 
@@ -52,9 +49,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    cfg = read_config(args.hf)
-    validate_parallel(cfg, args.learner_tp, args.learner_pp)
-    check_hf_state_dict(HFCheckpoint(args.hf).shapes(), cfg.dims)
+    check_hf_model(args.hf, args.learner_tp, args.learner_pp)
     cluster = dict(learner_tp=args.learner_tp, learner_pp=args.learner_pp, rollout_engines=args.rollout_engines,
                    bucket_mb=args.bucket_mb, timeout_s=args.timeout_s)
     import torch
@@ -84,8 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli_exit(main)

@@ -13,13 +13,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 
-from megatron_async_rlhf.hf_llama import ConfigError, read_config, validate_parallel
+from megatron_async_rlhf.hf_llama import ConfigError, check_hf_model, cli_exit, read_config, validate_parallel
 from megatron_async_rlhf.launch import run_distributed
-from megatron_async_rlhf.weights.hf_io import HFCheckpoint
-from megatron_async_rlhf.weights.mapping import check_hf_state_dict
 
 log = logging.getLogger("convert_checkpoint")
 
@@ -56,9 +53,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     if args.cmd == "hf-to-mcore":
-        cfg = read_config(args.hf)
-        validate_parallel(cfg, args.tp, args.pp)
-        check_hf_state_dict(HFCheckpoint(args.hf).shapes(), cfg.dims)
+        check_hf_model(args.hf, args.tp, args.pp)
         from megatron_async_rlhf.learner import jobs  # megatron-core is imported only once the inputs are known good
 
         run_distributed(args.tp * args.pp, jobs.hf_to_mcore, args.hf, args.out, args.tp, args.pp)
@@ -74,8 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli_exit(main)
