@@ -116,9 +116,9 @@ class WorkerGroup:
         for p in self._procs:
             p.start()
         atexit.register(self.close, force=True)
-        self._collect("start-up", expect="ready")
+        self._collect("start-up")
 
-    def _collect(self, what: str, expect: str = "ok") -> list[Any]:
+    def _collect(self, what: str) -> list[Any]:
         """Per-rank results of the job in flight. A rank's error is raised at once. When a rank dies, the others get
         ``grace_s`` to finish (their own error, e.g. "engine 1 did not answer", says more than the death)."""
         out: list[Any] = [None] * self.world

@@ -160,7 +160,3 @@ def activate() -> None:
         "megatron-core CPU compatibility layer active (no CUDA): CUDA device arguments map to the CPU, "
         "CPU RNG tracker installed; checked against megatron-core 0.16.1"
     )
-
-
-def is_active() -> bool:
-    return _ACTIVE

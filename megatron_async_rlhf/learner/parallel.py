@@ -6,7 +6,6 @@ megatron-core 0.16.1's ``initialize_model_parallel`` always builds its groups ov
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 
@@ -93,7 +92,3 @@ def ranks() -> dict[str, int]:
         "dp": ps.get_data_parallel_world_size(),
         "dp_rank": ps.get_data_parallel_rank(),
     }
-
-
-def default_timeout(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)

@@ -44,7 +44,7 @@ def full_hf_state_dict(model, info, cfg: LlamaConfig) -> dict[str, torch.Tensor]
     if info.pp > 1:
         gathered = [None] * info.pp if info.first else None
         if info.tp_rank == 0:
-            dist.gather_object(mine if info.tp_rank == 0 else None, gathered,
+            dist.gather_object(mine, gathered,
                                group_dst=0, group=ps.get_pipeline_model_parallel_group())
         if not info.first:
             return None
