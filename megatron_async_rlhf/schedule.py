@@ -54,11 +54,15 @@ class ScheduleStats:
 class Schedule:
     def __init__(self, client, max_staleness: int, steps: int,
                  prompts_for: Callable[[int], tuple[list[list[int]], list]], sampling,
-                 sync: Callable[[int], dict], always_sync: bool = True):
+                 sync: Callable[[int], dict], always_sync: bool = True,
+                 after_sync: Callable[[int], None] | None = None):
+        """``after_sync(version)`` runs right after each weight push, while no generation request is in flight and
+        the engines hold ``version`` (evaluation uses it); it never changes what is trained or when."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness={max_staleness} must be >= 0 (0 = synchronous)")
         self.client, self.n, self.steps = client, max_staleness, steps
         self.prompts_for, self.sampling, self.sync_fn, self.always_sync = prompts_for, sampling, sync, always_sync
+        self.after_sync = after_sync
         self.version = 0  # learner policy version = optimizer steps taken
         self.engine_version = 0  # weights the engines hold (synced before the schedule starts)
         self.stats = ScheduleStats()
@@ -84,6 +88,8 @@ class Schedule:
         stats = self.sync_fn(self.version)
         self.engine_version = self.version
         self.stats.syncs += 1
+        if self.after_sync is not None:
+            self.after_sync(self.version)
         return stats
 
     # ----- the loop ----------------------------------------------------------------------------------------------

@@ -56,16 +56,11 @@ def load_config(overrides: list[str], cuda: bool | None = None) -> RunConfig:
 
 
 def prepare_model(cfg: RunConfig) -> str:
-    """The HF directory the run starts from (a tiny local model is made once under the run directory)."""
-    path = cfg.model.path
-    if path.startswith("tiny:"):
-        from megatron_async_rlhf.tiny import make_tiny_llama
+    """The HF directory the run starts from: a tiny model made once under the run directory, a built-in model
+    converted once into the model cache, or ``model.path`` itself (see ``models/``)."""
+    from megatron_async_rlhf.models import resolve_model
 
-        out = os.path.join(cfg.logging.out_dir, "init_model")
-        if not os.path.exists(os.path.join(out, "config.json")):
-            make_tiny_llama(out, path.split(":", 1)[1], seed=cfg.seed)
-        return out
-    return path
+    return resolve_model(cfg.model.path, cfg.logging.out_dir, seed=cfg.seed)
 
 
 def _pin_cpus(ctx) -> None:
@@ -109,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args)
         model_path = prepare_model(cfg)
-        from megatron_async_rlhf.trainer import preflight
+        from megatron_async_rlhf.checks import preflight
 
-        preflight(cfg, model_path)  # every contract checked before any process starts
+        preflight(cfg, model_path, torch.cuda.is_available())  # every contract checked before any process starts
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -12,35 +12,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_async_rlhf.config import RunConfig
-from megatron_async_rlhf.data.tasks import Row, arithmetic_rows, dataset_rows, tokenize_prompts
-from megatron_async_rlhf.hf_llama import ConfigError, read_config, validate_parallel
+from megatron_async_rlhf.data.tasks import Row, load_rows, tokenize_prompts
 
 log = logging.getLogger("megatron_async_rlhf")
-
-
-def load_rows(cfg: RunConfig) -> tuple[list[Row], list[Row]]:
-    d = cfg.data
-    if d.source == "arithmetic":
-        rows = arithmetic_rows(d.train_size + d.eval_size, d.seed, d.max_operand)
-        return rows[: d.train_size], rows[d.train_size:]
-    return (dataset_rows(d.source, d.split, d.prompt_key, d.answer_key, d.name, d.train_size),
-            dataset_rows(d.source, d.eval_split, d.prompt_key, d.answer_key, d.name, d.eval_size))
-
-
-def preflight(cfg: RunConfig, model_path: str) -> None:
-    """Model, layout, data and prompt lengths, checked in the launching process before any worker starts."""
-    from transformers import AutoTokenizer
-
-    mc = read_config(model_path)
-    validate_parallel(mc, cfg.cluster.learner_tp, cfg.cluster.learner_pp)
-    if cfg.rollout.max_model_len > mc.max_position_embeddings:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the model's "
-                          f"max_position_embeddings={mc.max_position_embeddings}; lower it")
-    train, ev = load_rows(cfg)
-    if len(train) < cfg.algorithm.prompts_per_step:
-        raise ConfigError(f"data has {len(train)} training prompts < algorithm.prompts_per_step")
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tokenize_prompts(tok, train + ev, cfg.data.max_prompt_len, cfg.data.use_chat_template)
 
 
 class Trainer:
@@ -48,10 +22,14 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
+        from megatron_async_rlhf.models import stop_token_ids
+
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.train_rows, self.eval_rows = load_rows(cfg)
-        self.train_ids = tokenize_prompts(self.tok, self.train_rows, cfg.data.max_prompt_len, cfg.data.use_chat_template)
-        self.eval_ids = tokenize_prompts(self.tok, self.eval_rows, cfg.data.max_prompt_len, cfg.data.use_chat_template)
+        self.stops = stop_token_ids(model_path, self.tok)
+        d = cfg.data
+        self.train_rows, self.eval_rows = load_rows(d, cfg.logging.out_dir)
+        self.train_ids, self.eval_ids = (tokenize_prompts(self.tok, rows, d.max_prompt_len, d.use_chat_template,
+                                                          d.prompt_template) for rows in (self.train_rows, self.eval_rows))
         self.rng = random.Random(cfg.seed)
         self.metrics = None
         if ctx.is_controller:
@@ -59,6 +37,7 @@ class Trainer:
 
             self.metrics = Metrics(cfg.logging.out_dir, dataclasses.asdict(cfg), cfg.logging.wandb_mode,
                                    cfg.logging.wandb_project, cfg.algorithm.steps)
+        self._evaluator = None
         self.reward_model = None
         if cfg.reward.kind == "reward_model" and ctx.is_controller:
             from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
@@ -86,7 +65,7 @@ class Trainer:
         from megatron_async_rlhf.learner.step import sft_step
 
         sc = self.cfg.sft
-        eos = self.tok.eos_token_id
+        eos = self.stops[0] if self.stops else self.tok.eos_token_id
         for step in range(sc.steps):
             idx = [self.rng.randrange(len(self.train_rows)) for _ in range(sc.batch_size)]
             answers = [self.tok(" " + self.train_rows[i].answer, add_special_tokens=False)["input_ids"] + [eos]
@@ -95,20 +74,18 @@ class Trainer:
             if self.metrics and (step % 10 == 0 or step == sc.steps - 1):
                 self.metrics.log(step, "sft", **{k: v for k, v in out.items() if isinstance(v, float)})
 
-    def evaluate(self, client, step: int) -> float | None:
-        from megatron_async_rlhf.rollout.engine import SamplingSettings
+    def evaluate(self, client, step: int) -> dict | None:
+        """Greedy pass@1 on the held-out prompts (controller only), logged and written row by row."""
+        from megatron_async_rlhf.evaluation import Evaluator
 
         if not self.ctx.is_controller:
             return None
-        ac = self.cfg.algorithm
-        samples = client.generate(self.eval_ids, SamplingSettings(temperature=0.01, max_new_tokens=ac.max_new_tokens,
-                                                                  n=1, seed=0, stop_token_ids=self._stops()))
-        acc = self.rewards(samples, self.eval_rows).clamp(min=0).mean().item()
-        self.metrics.log(step, "eval", accuracy=acc)
-        return acc
-
-    def _stops(self) -> tuple[int, ...]:
-        return (self.tok.eos_token_id,) if self.tok.eos_token_id is not None else ()
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.eval_ids, self.eval_rows, self.rewards, self.tok,
+                                        self.cfg.logging.out_dir, self.cfg.eval_max_new_tokens, self.stops)
+        out = self._evaluator.run(client, step)
+        self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
+        return out
 
     def run(self) -> dict | None:
         from megatron_async_rlhf.learner.jobs import model_from_hf
@@ -155,11 +132,19 @@ class Trainer:
                 if cfg.logging.save_every and (batch.index + 1) % cfg.logging.save_every == 0:
                     self.export(model, info, mcfg, f"step_{batch.index + 1}")
 
+            evaluated = [0]
+
+            def eval_due(version):  # mid-run evaluations, every eval.every RL steps
+                every = cfg.eval.every
+                if every and version < ac.steps and version // every > evaluated[0] // every:
+                    evaluated[0] = version
+                    self.evaluate(client, version)
+
             sampling = SamplingSettings(temperature=ac.temperature, top_p=ac.top_p, max_new_tokens=ac.max_new_tokens,
-                                        n=k, stop_token_ids=self._stops())
+                                        n=k, stop_token_ids=self.stops)
             sched = Schedule(client, ac.max_staleness, ac.steps, prompts_for, sampling,
                              sync=lambda v: client.sync_weights(model, info, mcfg, v),
-                             always_sync=ac.sync_every_step)
+                             always_sync=ac.sync_every_step, after_sync=eval_due)
             t_rl = time.perf_counter()
             stats = sched.run(train, on_step)
             rl_seconds = time.perf_counter() - t_rl
@@ -169,7 +154,10 @@ class Trainer:
             if self.ctx.is_controller:
                 plot = self.metrics.plot()
                 rl = [r for r in self.metrics.rows if r["phase"] == "rl"]
-                summary = {"accuracy_before": acc0, "accuracy_after": acc1, "steps": stats.trained,
+                summary = {"accuracy_before": acc0["accuracy"], "accuracy_after": acc1["accuracy"],
+                           "accuracy_before_ci95": [round(acc0["accuracy_lo95"], 4), round(acc0["accuracy_hi95"], 4)],
+                           "accuracy_after_ci95": [round(acc1["accuracy_lo95"], 4), round(acc1["accuracy_hi95"], 4)],
+                           "eval_n": acc1["n"], "eval_file": acc1["file"], "steps": stats.trained,
                            "generated": stats.generated, "max_staleness_seen": max(stats.staleness),
                            "syncs": stats.syncs, "plot": plot, "metrics": self.metrics.path,
                            "gen_s_mean": sum(r["gen_s"] for r in rl) / len(rl),

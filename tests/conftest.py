@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """preset name -> HF directory."""
-    from megatron_async_rlhf.tiny import PRESETS, make_tiny_llama
+    from megatron_async_rlhf.models.tiny import PRESETS, make_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny")
     return {p: make_tiny_llama(str(root / p), p, seed=i) for i, p in enumerate(sorted(PRESETS))}

@@ -86,7 +86,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     from megatron_async_rlhf.launch import WorkerGroup
-    from megatron_async_rlhf.tiny import make_tiny_llama
+    from megatron_async_rlhf.models.tiny import make_tiny_llama
 
     buckets = [float(b) for b in args.buckets_mb.split(",")]
     root = tempfile.mkdtemp(prefix="bench_sync_")

@@ -6,7 +6,7 @@
 
 import argparse
 
-from megatron_async_rlhf.tiny import PRESETS, make_tiny_llama
+from megatron_async_rlhf.models.tiny import PRESETS, make_tiny_llama
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

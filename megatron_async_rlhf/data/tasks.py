@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from megatron_async_rlhf.hf_llama import ConfigError
@@ -24,20 +26,38 @@ def arithmetic_rows(n: int, seed: int, max_operand: int = 9, ops: str = "+") -> 
     return rows
 
 
-def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: str | None = None,
-                 limit: int | None = None) -> list[Row]:
-    """Rows from ``datasets.load_dataset`` (a hub name on clusters, a local json/parquet path or dir anywhere).
-    A GSM8k-style answer ("...#### 72") keeps only the final answer as gold."""
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_split(path: str, split: str, name: str | None = None):
+    """One split through ``datasets.load_dataset``: a hub name on clusters; here a local file (json/jsonl/parquet/
+    csv, split name ignored: the file is the split) or a local directory holding ``<split>.jsonl`` files."""
     from datasets import load_dataset
 
+    suffix = os.path.splitext(path)[1]
+    if suffix in LOCAL_SUFFIXES:
+        if not os.path.isfile(path):
+            raise ConfigError(f"data file {path} does not exist. Fix: set data.source to an existing file, a directory "
+                              "of <split>.jsonl files, a hub dataset name, or a built-in source")
+        return load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train")
+    if os.path.isdir(path):
+        files = os.listdir(path)
+        if not any(f.startswith(split + ".") or f.startswith(split + "-") for f in files):
+            raise ConfigError(f"data directory {path} has no file for split {split!r} (files: {sorted(files)}). Fix: "
+                              f"add {split}.jsonl or set data.split / data.eval_split")
+        return load_dataset(path, name, split=split)
+    if path.startswith((".", "/", "~")):
+        raise ConfigError(f"data source {path} does not exist. Fix: point data.source at an existing local path")
+    return load_dataset(path, name, split=split)
+
+
+def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: str | None = None,
+                 limit: int | None = None) -> list[Row]:
+    """Rows from ``datasets.load_dataset`` (see ``load_split``). A GSM8k-style answer ("...#### 72") keeps only the
+    final answer as gold."""
     from megatron_async_rlhf.rewards.math import extract_final_answer
 
-    if path.endswith((".json", ".jsonl")):
-        ds = load_dataset("json", data_files=path, split=split)
-    elif path.endswith(".parquet"):
-        ds = load_dataset("parquet", data_files=path, split=split)
-    else:
-        ds = load_dataset(path, name, split=split)
+    ds = load_split(path, split, name)
     for key in (prompt_key, answer_key):
         if key not in ds.column_names:
             raise ConfigError(f"data: column {key!r} not in {path} (columns: {ds.column_names}); set data.prompt_key "
@@ -49,19 +69,68 @@ def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: 
     return rows
 
 
-def tokenize_prompts(tok, rows: list[Row], max_prompt_len: int, use_chat_template: bool = False) -> list[list[int]]:
-    """Token ids per prompt; a prompt longer than ``max_prompt_len`` is an error naming it (before any work)."""
+def format_prompt(text: str, template: str = "") -> str:
+    """The prompt text the model sees: ``template`` with ``{prompt}`` (or ``{question}``) replaced, else the text."""
+    return template.replace("{prompt}", text).replace("{question}", text) if template else text
+
+
+def prompt_ids(tok, text: str, use_chat_template: bool = False) -> list[int]:
+    """Token ids of one prompt: the chat template with a generation prompt (a single user turn), or the plain text
+    after the tokenizer's BOS. Always a list of ints: transformers 5's ``apply_chat_template`` returns a
+    BatchEncoding, whose iteration would give its keys."""
+    if use_chat_template:
+        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+    else:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+    return list(ids)
+
+
+def tokenize_prompts(tok, rows: list[Row], max_prompt_len: int, use_chat_template: bool = False,
+                     template: str = "", vocab_size: int | None = None) -> list[list[int]]:
+    """Token ids per prompt, checked up front: each is a non-empty list of ints inside the vocab and no longer than
+    ``max_prompt_len``; a prompt that is not is an error naming it (before any process starts)."""
     out = []
     for i, r in enumerate(rows):
-        if use_chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": r.prompt}], add_generation_prompt=True)
-        else:
-            ids = tok(r.prompt, add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None:
-                ids = [tok.bos_token_id] + ids
+        ids = prompt_ids(tok, format_prompt(r.prompt, template), use_chat_template)
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
+        if not ids or bad:
+            raise ConfigError(f"prompt {i} tokenized to {ids[:8]!r}: not a list of token ids (bad entries "
+                              f"{bad[:3]!r}). The tokenizer's chat template or encode returned something else; check "
+                              "data.use_chat_template and the tokenizer files")
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in ids):
+            raise ConfigError(f"prompt {i} has token ids outside the model's vocab [0, {vocab_size}): "
+                              f"{[t for t in ids if not 0 <= t < vocab_size][:5]}. Fix: use the model's own tokenizer")
         if len(ids) > max_prompt_len:
             raise ConfigError(f"prompt {i} has {len(ids)} tokens > data.max_prompt_len={max_prompt_len}: "
                               f"{r.prompt[:80]!r}... Fix: raise data.max_prompt_len (and rollout.max_model_len) or "
                               "filter long prompts")
         out.append(ids)
     return out
+
+
+def synthetic_gsm8k_dir(d, run_dir: str) -> str:
+    """The local dataset directory (``train.jsonl``, ``test.jsonl`` in GSM8k's schema) for ``data.source=
+    synthetic_gsm8k``, written once (atomically) under the run directory."""
+    from megatron_async_rlhf.data.word_problems import write_gsm8k_jsonl
+
+    out = os.path.join(run_dir, "data", f"synthetic_gsm8k-seed{d.seed}-train{d.train_size}-test{d.eval_size}"
+                                        f"-steps{d.synthetic_max_steps}")
+    if not all(os.path.exists(os.path.join(out, f"{s}.jsonl")) for s in ("train", "test")):
+        write_gsm8k_jsonl(out, d.train_size, d.eval_size, seed=d.seed, max_steps=d.synthetic_max_steps)
+    return out
+
+
+def load_rows(d, run_dir: str) -> tuple[list[Row], list[Row]]:
+    """(train rows, held-out rows) of a ``DataConfig``."""
+    if d.source == "arithmetic":
+        rows = arithmetic_rows(d.train_size + d.eval_size, d.seed, d.max_operand)
+        return rows[: d.train_size], rows[d.train_size:]
+    if d.source == "synthetic_gsm8k":
+        path, split, eval_split = synthetic_gsm8k_dir(d, run_dir), "train", "test"
+    else:
+        path, split, eval_split = d.source, d.split, d.eval_split
+    return (dataset_rows(path, split, d.prompt_key, d.answer_key, d.name, d.train_size),
+            dataset_rows(path, eval_split, d.prompt_key, d.answer_key, d.name, d.eval_size))

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingSettings:
-    """What to sample. ``n`` completions per prompt; generation stops at a ``stop_token_ids`` token (EOS is one by
-    default) or after ``max_new_tokens``."""
+    """What to sample. ``n`` completions per prompt; generation stops at any ``stop_token_ids`` token (the model's
+    EOS ids) or after ``max_new_tokens``. ``temperature=0`` decodes greedily (evaluation only)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -33,9 +33,9 @@ class SamplingSettings:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (log-probs of greedy decoding are "
-                             "meaningless for RL); use a small value such as 1e-3 for near-greedy sampling")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy decoding, for evaluation: "
+                             "its log-probs are not a sampling distribution and must not feed an RL loss)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1 or self.n < 1:

