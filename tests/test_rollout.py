@@ -12,11 +12,9 @@ import time
 import pytest
 
 from megatron_async_rlhf.launch import WorkerError, WorkerGroup
-from megatron_async_rlhf.weight_sync_check import check_job
+from megatron_async_rlhf.weight_sync_check import check_job, evaluate, logprob_bound
 
 pytestmark = pytest.mark.multiproc
-
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +36,10 @@ def test_sync_parity_before_and_after_a_step(rpool, tiny_models, layout, world):
                     max_new_tokens=10, n=2, world_size=world)
     report = res[0]
     assert len(report["rounds"]) == 2
+    ok, problems = evaluate(report)  # log-probs within the scale-aware bound, versions, the engine changed
+    assert ok, problems
+    assert logprob_bound(report)[1] < 5e-4  # tiny random logits (~5): the bound stays tight
     for r in report["rounds"]:
-        assert r["max_abs_logprob_diff"] <= TOL, r
         assert r["versions"] == [r["version"]]  # every sample made by exactly the synced version
         assert r["samples"] == 8 and r["sync_bytes"] > 0 and r["sync_seconds"] > 0
         for reason, n, last in zip(r["finish_reasons"], r["lengths"], r["last_tokens"]):

