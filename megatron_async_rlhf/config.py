@@ -165,6 +165,9 @@ class DataConfig:
                               "placeholder: every prompt would read the same")
         if self.train_size < 1 or self.eval_size < 1:
             raise ConfigError("data.train_size and data.eval_size must be >= 1")
+        if self.source == "synthetic_gsm8k" and not 1 <= self.synthetic_max_steps <= 3:
+            raise ConfigError(f"data.synthetic_max_steps={self.synthetic_max_steps}: the generator writes 1 to 3 "
+                              "step problems")
         return self
 
 

@@ -21,9 +21,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ctx, model_path: str):
         from transformers import AutoTokenizer
 
-        self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
         from megatron_async_rlhf.models import stop_token_ids
 
+        self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.stops = stop_token_ids(model_path, self.tok)
         d = cfg.data

