@@ -79,3 +79,14 @@ def test_ppo_clip_by_hand_and_no_gradient_when_clipped():
     loss.backward()
     assert lp.grad[0, 0].item() == 0.0 and lp.grad[1, 0].item() == pytest.approx(0.5 * 1.2)
     assert m["clip_fraction"].item() == 1.0
+
+
+def test_micro_batches_pad_few_rows_and_keep_pairs_together():
+    from megatron_async_rlhf.learner.step import micro_size
+
+    # (rows, cap, multiple) -> rows per micro-batch; padding = count * size - rows stays below one row per batch
+    assert micro_size(4, 8, 2) == 4      # 2 DPO pairs: one micro-batch of 4, not 8
+    assert micro_size(10, 8, 2) == 6     # 2 micro-batches of 6 (2 padding rows), pairs never split (even)
+    assert micro_size(17, 8, 1) == 6     # 3 x 6 = 18 rows for 17
+    assert micro_size(33, 32, 1) == 17
+    assert micro_size(2, 1, 2) == 2      # a cap below a pair still holds one pair

@@ -34,6 +34,16 @@ def _rows(seqs: list[list[int]], starts: list[int], micro: int, extra: list[torc
     return tokens, mask, valid
 
 
+def micro_size(n: int, micro: int, multiple: int = 1) -> int:
+    """Rows per micro-batch for ``n`` rows and a cap of ``micro``: as few micro-batches as the cap allows, rows spread
+    evenly over them (a multiple of ``multiple``: 2 keeps DPO pairs together), so padding rows stay few. A batch of 4
+    pairs with ``micro=16`` trains 8 rows, not 16."""
+    cap = max(multiple, micro - micro % multiple)
+    count = -(-n // cap)
+    size = -(-n // count)
+    return -(-size // multiple) * multiple
+
+
 def _split(d: dict, micro: int) -> list[dict]:
     rows = d["tokens"].shape[0]
     return [{k: (v[i:i + micro] if torch.is_tensor(v) else v) for k, v in d.items()} for i in range(0, rows, micro)]
@@ -41,6 +51,7 @@ def _split(d: dict, micro: int) -> list[dict]:
 
 def sft_step(ddp, opt, prompts: list[list[int]], answers: list[list[int]], vocab_size: int, micro: int) -> dict:
     """Supervised step: mean NLL of the answer tokens given the prompt."""
+    micro = micro_size(len(prompts), micro)
     tokens, mask, valid = _rows([p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts], micro)
 
     def loss_fn(lp, b):
@@ -63,7 +74,7 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
             return {**metrics, "skipped": 1.0}  # every prompt tied: no preference to learn from
     else:
         order = list(range(len(samples)))
-    micro = ac.micro_batch - ac.micro_batch % 2 if ac.name == "online_dpo" else ac.micro_batch
+    micro = micro_size(len(order), ac.micro_batch, 2 if ac.name == "online_dpo" else 1)
     picked = [samples[i] for i in order]
     seqs = [s.prompt_ids + s.token_ids for s in picked]
     tokens, mask, valid = _rows(seqs, [len(s.prompt_ids) for s in picked], micro)
