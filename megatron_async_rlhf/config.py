@@ -103,6 +103,38 @@ class RolloutConfig:
     """Other vllm.LLM keyword arguments, passed through."""
 
 
+@dataclass(kw_only=True)
+class LearnerConfig:
+    """How the Megatron learner holds and computes its weights."""
+
+    precision: str = "fp32"
+    """fp32 | bf16. bf16 is Megatron mixed precision: bf16 weights and compute; fp32 main weights, gradients and
+    Adam state in the optimizer; log-probs and losses in fp32. The reference model runs in the same precision.
+    fp32 on CPU recipes (their parity checks against vLLM and transformers are fp32); bf16 on GPU."""
+    distributed_optimizer: bool = False
+    """Shard the fp32 main weights and Adam state over the learner's data-parallel ranks (ZeRO-1)."""
+    recompute: str = "none"
+    """Activation recomputation in backward: none | selective (the core attention of every layer) | full (every
+    layer, from its saved input). Trades compute for activation memory."""
+
+    PRECISIONS = ("fp32", "bf16")
+    RECOMPUTE = ("none", "selective", "full")
+
+    @property
+    def params_dtype(self):
+        """The learner's (and reference model's) weight dtype, as a torch dtype."""
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.precision]
+
+    def validate(self) -> "LearnerConfig":
+        if self.precision not in self.PRECISIONS:
+            raise ConfigError(f"learner.precision={self.precision!r}: use one of {list(self.PRECISIONS)}")
+        if self.recompute not in self.RECOMPUTE:
+            raise ConfigError(f"learner.recompute={self.recompute!r}: use one of {list(self.RECOMPUTE)}")
+        return self
+
+
 def from_dict(cls, d: dict | None):
     """Build a config dataclass from a plain dict, rejecting unknown keys with the list of known ones."""
     d = dict(d or {})
@@ -269,6 +301,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, cuda: bool = False) -> "RunConfig":
@@ -277,6 +310,7 @@ class RunConfig:
         self.algorithm.validate()
         self.data.validate()
         self.cluster.validate(cuda=cuda)
+        self.learner.validate()
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:
             raise ConfigError("eval.every and eval.max_new_tokens must be >= 0")
         if self.reward.kind not in ("math", "reward_model"):
@@ -306,7 +340,8 @@ def run_config_from_dict(d: dict) -> RunConfig:
     sub = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     classes = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "eval": EvalConfig,
                "algorithm": AlgorithmConfig,
-               "reward": RewardConfig, "cluster": ClusterConfig, "rollout": RolloutConfig, "logging": LoggingConfig}
+               "reward": RewardConfig, "cluster": ClusterConfig, "rollout": RolloutConfig, "learner": LearnerConfig,
+               "logging": LoggingConfig}
     unknown = sorted(set(d) - set(sub))
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sub)}")

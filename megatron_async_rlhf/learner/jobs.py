@@ -23,10 +23,10 @@ def _reporter(info) -> bool:
     return info.last and info.tp_rank == 0 and ranks()["dp_rank"] == 0
 
 
-def model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None):
+def model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None, recompute: str = "none"):
     cfg = read_config(hf_dir)
     init_learner_parallel(tp, pp)
-    model, info = build_model(cfg, dtype=dtype, init=False)
+    model, info = build_model(cfg, dtype=dtype, init=False, recompute=recompute)
     load_hf_into_stage(model, info, cfg, HFCheckpoint(hf_dir))
     return cfg, model, info
 

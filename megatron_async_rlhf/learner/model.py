@@ -51,7 +51,18 @@ class StageInfo:
         return self.pp_rank == self.pp - 1
 
 
-def transformer_config(cfg: LlamaConfig, tp: int, pp: int, dtype: torch.dtype | None = None, init: bool = True):
+# ``learner.recompute`` -> megatron-core 0.16.1's TransformerConfig fields. selective: the core attention
+# (softmax(QK^T)V: large activations, few FLOPs) of every layer; full: every layer keeps only its input and is re-run
+# in backward (uniform method, one layer per recompute unit).
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+def transformer_config(cfg: LlamaConfig, tp: int, pp: int, dtype: torch.dtype | None = None, init: bool = True,
+                       recompute: str = "none"):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     d = cfg.dims
@@ -90,6 +101,7 @@ def transformer_config(cfg: LlamaConfig, tp: int, pp: int, dtype: torch.dtype | 
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=init,
         init_method_std=cfg.initializer_range,
+        **RECOMPUTE[recompute],
     )
 
 
@@ -99,11 +111,15 @@ def build_model(
     init: bool = True,
     vocab_multiple: int = 128,
     padded_vocab: int | None = None,
+    recompute: str = "none",
 ):
     """This rank's GPTModel stage for the current Megatron parallel state, and its :class:`StageInfo`.
 
-    ``init=False`` skips random initialisation (weights are about to be loaded). ``padded_vocab`` forces the padded
-    vocab size (a checkpoint's), instead of deriving it from ``vocab_multiple`` and TP.
+    ``dtype``: the weights' and compute dtype (default: the HF config's). bf16/fp16 is Megatron mixed precision:
+    the model holds half-precision weights, the optimizer fp32 main copies (``learner.train``), log-probs and losses
+    are computed in fp32 from the logits (``learner.logprobs``). ``init=False`` skips random initialisation (weights
+    are about to be loaded). ``padded_vocab`` forces the padded vocab size (a checkpoint's), instead of deriving it
+    from ``vocab_multiple`` and TP. ``recompute``: a key of :data:`RECOMPUTE`.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -121,7 +137,7 @@ def build_model(
     if info.padded_vocab % tp or info.padded_vocab < cfg.vocab_size:
         raise ValueError(f"padded vocab {info.padded_vocab} must be >= vocab_size={cfg.vocab_size} and divisible by "
                          f"tensor_parallel={tp}")
-    tcfg = transformer_config(cfg, tp, pp, dtype=dtype, init=init)
+    tcfg = transformer_config(cfg, tp, pp, dtype=dtype, init=init, recompute=recompute)
     if info.fused_norms:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -142,6 +158,11 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
     )
+    if tcfg.params_dtype != torch.float32:
+        # megatron-core's torch norms (local spec) ignore params_dtype and make fp32 weights; Megatron-LM's
+        # Float16Module casts the whole module. Do the same cast without the wrapper, which would rename every
+        # parameter: the inputs are token ids (nothing to cast), learner.logprobs casts the logits to fp32.
+        model.to(tcfg.params_dtype)
     # HF's inverse frequencies (Llama 3.x scaling has config-given low/high frequency factors that megatron-core's
     # built-in `rope_scaling` hard-codes); set before the first forward, whose embedding is cached per length.
     model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(model.rotary_pos_emb.inv_freq.device)

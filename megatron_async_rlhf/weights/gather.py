@@ -16,9 +16,11 @@ from megatron_async_rlhf.weights.load import stage_bound
 
 
 @torch.no_grad()
-def stage_hf_tensors(model, info, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for every tensor this PP stage owns. Collective over the TP group: every TP rank
-    of the stage must iterate it together."""
+def stage_hf_tensors(model, info, cfg: LlamaConfig, dtype: torch.dtype | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for every tensor this PP stage owns, in ``dtype`` (None: the model's; the live
+    sync passes the engines' dtype, so a bf16 engine never receives fp32). Collective over the TP group: every TP
+    rank of the stage must iterate it together."""
     from megatron.core import parallel_state as ps
 
     params = dict(model.named_parameters())
@@ -33,14 +35,17 @@ def stage_hf_tensors(model, info, cfg: LlamaConfig) -> Iterator[tuple[str, torch
             shards = [torch.empty_like(local) for _ in range(info.tp)]
             dist.all_gather(shards, local.contiguous(), group=group)
         full = M.gather(shards, b.entry.shard, cfg.vocab_size)
+        if dtype is not None:
+            full = full.to(dtype)
         yield from zip(b.hf, M.unfuse(b.entry, full, cfg.dims))
 
 
 def full_hf_state_dict(model, info, cfg: LlamaConfig) -> dict[str, torch.Tensor] | None:
-    """The whole model as HF tensors on the first pipeline stage's TP rank 0 (CPU copies); None elsewhere."""
+    """The whole model as HF tensors in the HF config's dtype (what its ``config.json`` says, whatever the learner's
+    precision) on the first pipeline stage's TP rank 0 (CPU copies); None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    mine = {k: v.cpu() for k, v in stage_hf_tensors(model, info, cfg)}
+    mine = {k: v.cpu() for k, v in stage_hf_tensors(model, info, cfg, cfg.dtype)}
     if info.pp > 1:
         gathered = [None] * info.pp if info.first else None
         if info.tp_rank == 0:
