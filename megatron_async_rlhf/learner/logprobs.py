@@ -26,7 +26,7 @@ def vocab_parallel_logprobs(
     tp_rank = dist.get_rank(group) if dist.is_initialized() else 0
     part = logits.shape[-1]
     start = tp_rank * part
-    x = logits.float()
+    x = logits.float()  # fp32 from here whatever the learner's precision (bf16 logits, fp32 softmax)
     if temperature != 1.0:
         x = x / temperature
     cols = torch.arange(start, start + part, device=x.device)

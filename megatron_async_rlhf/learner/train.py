@@ -27,7 +27,11 @@ class OptimConfig:
 
 
 def wrap_for_training(model, oc: OptimConfig):
-    """(DDP-wrapped model, megatron optimizer). The unwrapped ``model`` stays the one the weight mapping addresses."""
+    """(DDP-wrapped model, megatron optimizer). The unwrapped ``model`` stays the one the weight mapping addresses.
+
+    A bf16 model (``learner.precision=bf16``) trains in Megatron mixed precision: gradients accumulate and reduce in
+    fp32 (``grad_reduce_in_fp32``), the optimizer keeps fp32 main weights and Adam state and copies the updated
+    weights back to the bf16 model after each step (no loss scaling: bf16 has fp32's exponent range)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
