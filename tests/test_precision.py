@@ -171,3 +171,21 @@ def test_every_recompute_setting_maps_to_megatron():
     from megatron_async_rlhf.learner.model import RECOMPUTE
 
     assert set(LearnerConfig.RECOMPUTE) == set(RECOMPUTE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_function_matches_autograd_of_chunk_silu_mul(dtype):
+    """The learner's SwiGLU (learner/layers.py) against megatron-core's own formula, value and gradient."""
+    from megatron_async_rlhf.learner.layers import SwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 2 * 7, generator=g).to(dtype)  # [s, b, 2*ffn]
+    up = torch.randn(5, 3, 7, generator=g).to(dtype)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    gate, lin = torch.chunk(b, 2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * lin
+    out = SwiGLU.apply(a)
+    (out * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(a.grad, b.grad, atol=0 if dtype == torch.float32 else 1e-2, rtol=1e-6)

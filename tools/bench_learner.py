@@ -8,7 +8,8 @@ One step is what the trainer runs per RL step (``learner.step.rl_step``, online 
 over every row, the policy's forward + backward in micro-batches, gradient clipping, one Adam step. Rows are
 ``batch`` prompts x ``samples`` completions of random tokens (every prompt yields a pair). Without ``--hf`` it builds
 the issue's reference shape: LLaMA hidden 512, intermediate 1376, 6 layers, 4 heads / 2 KV groups (head_dim 128),
-vocab 512. One process, one thread, pinned to one core; the median of ``--repeats`` steps after ``--warmup``.
+vocab 512. One process, one thread, pinned to one core; the median of ``--repeats`` steps after ``--warmup``,
+the three variants interleaved step by step.
 The last line is ``step_s_fp32=... step_s_bf16=... speedup_bf16=... hf_step_s_fp32=... ratio_vs_hf=...``
 (``ratio_vs_hf`` = Megatron fp32 step / transformers fp32 step).
 """
@@ -42,18 +43,8 @@ def make_rows(vocab: int, batch: int, samples: int, prompt_len: int, completion_
     return SimpleNamespace(samples=out), rewards
 
 
-def timed(step, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def megatron_steps(hf_dir: str, dtype: torch.dtype, batch, rewards, ac, warmup: int, repeats: int) -> list[float]:
+def megatron_step(hf_dir: str, dtype: torch.dtype, batch, rewards, ac):
+    """A callable running one RL step on a Megatron learner (policy + reference) built as the trainer builds it."""
     from megatron_async_rlhf.learner.jobs import model_from_hf
     from megatron_async_rlhf.learner.model import build_model
     from megatron_async_rlhf.learner.step import rl_step
@@ -64,12 +55,13 @@ def megatron_steps(hf_dir: str, dtype: torch.dtype, batch, rewards, ac, warmup: 
     ref, _ = build_model(cfg, dtype=dtype, init=False)
     ref.load_state_dict(model.state_dict())
     ref.requires_grad_(False)
-    return timed(lambda: rl_step(batch, rewards, ac, ddp, opt, ref, cfg.vocab_size), warmup, repeats)
+    return lambda: rl_step(batch, rewards, ac, ddp, opt, ref, cfg.vocab_size)
 
 
-def hf_steps(hf_dir: str, batch, ac, warmup: int, repeats: int) -> list[float]:
-    """The same step in plain transformers: reference forward, policy forward + backward per micro-batch (gradient
-    accumulation), clip, AdamW. Log-probs by log_softmax + gather in fp32; the same online DPO loss."""
+def hf_step(hf_dir: str, batch, ac):
+    """A callable running the same step in plain transformers: reference forward, policy forward + backward per
+    micro-batch (gradient accumulation), clip, AdamW. Log-probs by log_softmax + gather in fp32; the same online DPO
+    loss."""
     from transformers import LlamaForCausalLM
 
     from megatron_async_rlhf.algorithms import online_dpo_loss
@@ -98,7 +90,7 @@ def hf_steps(hf_dir: str, batch, ac, warmup: int, repeats: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), ac.clip_grad)
         opt.step()
 
-    return timed(step, warmup, repeats)
+    return step
 
 
 def main() -> None:
@@ -141,15 +133,21 @@ def main() -> None:
     print(f"model {hf_dir}: hidden {cfg.dims.hidden_size}, layers {cfg.dims.num_layers}, vocab {cfg.vocab_size}; "
           f"{len(batch.samples)} rows x {args.prompt_len + args.completion_len} tokens, micro-batch "
           f"{args.micro_batch}, core {core}, 1 thread", flush=True)
-    res = {}
-    for name, fn in (("fp32", lambda: megatron_steps(hf_dir, torch.float32, batch, rewards, ac, args.warmup,
-                                                      args.repeats)),
-                     ("bf16", lambda: megatron_steps(hf_dir, torch.bfloat16, batch, rewards, ac, args.warmup,
-                                                      args.repeats)),
-                     ("hf_fp32", lambda: hf_steps(hf_dir, batch, ac, args.warmup, args.repeats))):
-        times = fn()
-        res[name] = statistics.median(times)
-        print(f"{name:8s} step s: median {res[name]:.3f} ({', '.join(f'{t:.3f}' for t in times)})", flush=True)
+    steps = {"fp32": megatron_step(hf_dir, torch.float32, batch, rewards, ac),
+             "bf16": megatron_step(hf_dir, torch.bfloat16, batch, rewards, ac),
+             "hf_fp32": hf_step(hf_dir, batch, ac)}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every variant alike
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    res = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        print(f"{k:8s} step s: median {res[k]:.3f} ({', '.join(f'{t:.3f}' for t in v)})", flush=True)
     dist.destroy_process_group()
     print(f"step_s_fp32={res['fp32']:.3f} step_s_bf16={res['bf16']:.3f} "
           f"speedup_bf16={res['fp32'] / res['bf16']:.2f} hf_step_s_fp32={res['hf_fp32']:.3f} "

@@ -2,8 +2,8 @@
 
 LLaMA in Megatron terms: RMSNorm, SwiGLU (``gated_linear_unit`` + silu), grouped-query attention
 (``num_query_groups``), RoPE with HF's inverse frequencies (incl. Llama 3.x scaling), no biases, tied or untied
-embeddings, vocab padded so every TP rank holds an equal slice. Local layer spec on CPU; Transformer Engine spec
-when TE imports and CUDA is present.
+embeddings, vocab padded so every TP rank holds an equal slice. Local layer spec (``learner.layers``) on CPU;
+Transformer Engine spec when TE imports and CUDA is present.
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ def build_model(
 
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron_async_rlhf.learner.layers import local_layer_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = local_layer_spec()
     model = GPTModel(
         config=tcfg,
         transformer_layer_spec=spec,
