@@ -174,10 +174,23 @@ def check_hf_model(path: str, tp: int = 1, pp: int = 1) -> LlamaConfig:
     from megatron_async_rlhf.weights.hf_io import HFCheckpoint
     from megatron_async_rlhf.weights.mapping import check_hf_state_dict
 
+    from megatron_async_rlhf.weights.mapping import head_kind
+
     cfg = read_config(path)
     validate_parallel(cfg, tp, pp)
-    check_hf_state_dict(HFCheckpoint(path).shapes(), cfg.dims)
+    head = head_kind(cfg.raw)
+    if head == "score":
+        check_reward_model_labels(cfg.raw, path)
+    check_hf_state_dict(HFCheckpoint(path).shapes(), cfg.dims, head)
     return cfg
+
+
+def check_reward_model_labels(raw: dict, where: str) -> None:
+    """A sequence classifier used as a reward model has exactly one output (``num_labels=1``)."""
+    labels = len(raw.get("id2label") or {}) or int(raw.get("num_labels", 2))  # transformers' default is 2 labels
+    if labels != 1:
+        raise ConfigError(f"{where}: a sequence classifier with num_labels={labels}; a reward model has one output "
+                          "(num_labels=1). Fix: use a reward model, or re-head the classifier with one label")
 
 
 def cli_exit(main) -> None:

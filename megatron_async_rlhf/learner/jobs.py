@@ -16,6 +16,7 @@ from megatron_async_rlhf.learner.parallel import init_learner_parallel, ranks
 from megatron_async_rlhf.weights.gather import full_hf_state_dict
 from megatron_async_rlhf.weights.hf_io import HFCheckpoint, save_hf
 from megatron_async_rlhf.weights.load import load_hf_into_stage
+from megatron_async_rlhf.weights.mapping import head_kind
 
 
 def _reporter(info) -> bool:
@@ -24,9 +25,10 @@ def _reporter(info) -> bool:
 
 
 def model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None, recompute: str = "none"):
+    """The model an HF directory holds: a language model, or a scalar-head model for a sequence classifier."""
     cfg = read_config(hf_dir)
     init_learner_parallel(tp, pp)
-    model, info = build_model(cfg, dtype=dtype, init=False, recompute=recompute)
+    model, info = build_model(cfg, dtype=dtype, init=False, recompute=recompute, head=head_kind(cfg.raw))
     load_hf_into_stage(model, info, cfg, HFCheckpoint(hf_dir))
     return cfg, model, info
 
@@ -36,7 +38,7 @@ def model_from_mcore(ckpt_dir: str, hf_config: str | dict, tp: int, pp: int):
     meta = ckpt.read_meta(ckpt_dir)
     ckpt.checkpoint_vocab_fits(meta, tp)
     init_learner_parallel(tp, pp)
-    model, info = build_model(cfg, init=False, padded_vocab=meta["padded_vocab"])
+    model, info = build_model(cfg, init=False, padded_vocab=meta["padded_vocab"], head=head_kind(cfg.raw))
     ckpt.load_model(model, ckpt_dir)
     return cfg, model, info
 
@@ -76,3 +78,20 @@ def mcore_to_hf(ckpt_dir: str, hf_config_dir: str, out_dir: str, tp: int = 1, pp
     if sd is not None and ranks()["dp_rank"] == 0:
         save_hf(out_dir, sd, cfg.raw, copy_from=hf_config_dir)
     torch.distributed.barrier()
+
+
+def values_from_hf(hf_dir: str, tp: int, pp: int, seqs: list[list[int]], export_dir: str | None = None,
+                   pad_token_id: int = 0, micro_batch: int = 4):
+    """Scalar-head model from an HF directory (a sequence classifier, or a language model's trunk with a fresh
+    head): ``[N]`` values of ``seqs`` at their last token on the reporting rank; with ``export_dir``, the model is
+    also written there as an HF ``LlamaForSequenceClassification`` (tokenizer files copied from ``hf_dir``)."""
+    from megatron_async_rlhf.learner.value_head import classifier_config, sequence_values, value_model_from_hf
+
+    cfg, model, info = value_model_from_hf(hf_dir, tp, pp, dtype=torch.float32)
+    values = sequence_values(model, seqs, micro_batch)
+    if export_dir is not None:
+        sd = full_hf_state_dict(model, info, cfg)
+        if sd is not None and ranks()["dp_rank"] == 0:
+            save_hf(export_dir, sd, classifier_config(cfg.raw, pad_token_id), copy_from=hf_dir)
+        torch.distributed.barrier()
+    return values if _reporter(info) else None

@@ -41,6 +41,7 @@ class StageInfo:
     pp_rank: int
     padded_vocab: int
     fused_norms: bool  # TE spec: norms live inside linear_qkv / linear_fc1
+    head: str = "lm"  # "lm": vocab output layer; "score": a scalar head (reward model, critic; learner/value_head.py)
 
     @property
     def first(self) -> bool:
@@ -112,6 +113,7 @@ def build_model(
     vocab_multiple: int = 128,
     padded_vocab: int | None = None,
     recompute: str = "none",
+    head: str = "lm",
 ):
     """This rank's GPTModel stage for the current Megatron parallel state, and its :class:`StageInfo`.
 
@@ -133,6 +135,7 @@ def build_model(
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         padded_vocab=padded_vocab or padded_vocab_size(cfg.vocab_size, tp, vocab_multiple),
         fused_norms=use_te(),
+        head=head,
     )
     if info.padded_vocab % tp or info.padded_vocab < cfg.vocab_size:
         raise ValueError(f"padded vocab {info.padded_vocab} must be >= vocab_size={cfg.vocab_size} and divisible by "
@@ -154,10 +157,15 @@ def build_model(
         pre_process=info.first,
         post_process=info.last,
         parallel_output=True,  # logits stay vocab-parallel; learner.logprobs reduces over TP
-        share_embeddings_and_output_weights=cfg.dims.tie_word_embeddings,
+        share_embeddings_and_output_weights=cfg.dims.tie_word_embeddings and head == "lm",
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
     )
+    if head == "score" and info.last:
+        from megatron_async_rlhf.learner.value_head import ScalarHead
+
+        # replaces the vocab-sized output layer GPTModel just built (freed here): same slot, same call
+        model.output_layer = ScalarHead(cfg.dims.hidden_size, cfg.initializer_range)
     if tcfg.params_dtype != torch.float32:
         # megatron-core's torch norms (local spec) ignore params_dtype and make fp32 weights; Megatron-LM's
         # Float16Module casts the whole module. Do the same cast without the wrapper, which would rename every

@@ -91,6 +91,15 @@ def layer_entries(fused_norms: bool) -> tuple[Entry, ...]:
 EMBEDDING = Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Shard.VOCAB)
 FINAL_NORM = Entry("decoder.final_layernorm.weight", ("model.norm.weight",), Shard.REPLICATED)
 OUTPUT = Entry("output_layer.weight", ("lm_head.weight",), Shard.VOCAB)
+# A scalar head (reward model, critic): HF LlamaForSequenceClassification's ``score`` [1, H], held whole on every TP
+# rank of the last stage where an LM holds its output layer (learner/value_head.py).
+SCORE = Entry("output_layer.weight", ("score.weight",), Shard.REPLICATED)
+
+
+def head_kind(hf_config: dict) -> str:
+    """``score`` for an HF sequence classifier (``architectures`` ``*ForSequenceClassification``), else ``lm``."""
+    archs = hf_config.get("architectures") or []
+    return "score" if any(a.endswith("ForSequenceClassification") for a in archs) else "lm"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,12 +243,14 @@ class Bound:
 
 
 def stage_table(
-    dims: LlamaDims, pp: int = 1, pp_rank: int = 0, fused_norms: bool = False, tied_output_in_stage: bool = False
+    dims: LlamaDims, pp: int = 1, pp_rank: int = 0, fused_norms: bool = False, tied_output_in_stage: bool = False,
+    head: str = "lm",
 ) -> list[Bound]:
     """Every Megatron tensor that a pipeline stage owns, with its HF sources.
 
     ``tied_output_in_stage``: with tied embeddings and PP>1 the last stage keeps its own copy of the embedding as
     ``output_layer.weight``; it is filled from ``model.embed_tokens.weight`` but never exported twice.
+    ``head``: ``lm`` (output layer = ``lm_head``) or ``score`` (a scalar head = ``score``; never tied).
     """
     per_stage = dims.num_layers // pp
     offset = layer_offset(dims.num_layers, pp, pp_rank)
@@ -253,18 +264,22 @@ def stage_table(
             out.append(Bound(e, e.mcore.format(i=local), tuple(n.format(i=g) for n in e.hf)))
     if last:
         out.append(Bound(FINAL_NORM, FINAL_NORM.mcore, FINAL_NORM.hf))
-        if not dims.tie_word_embeddings:
+        if head == "score":
+            out.append(Bound(SCORE, SCORE.mcore, SCORE.hf))
+        elif not dims.tie_word_embeddings:
             out.append(Bound(OUTPUT, OUTPUT.mcore, OUTPUT.hf))
         elif tied_output_in_stage:
             out.append(Bound(OUTPUT, OUTPUT.mcore, EMBEDDING.hf))
     return out
 
 
-def expected_hf_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF checkpoint of this model must hold, with its shape."""
+def expected_hf_shapes(dims: LlamaDims, head: str = "lm") -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF checkpoint of this model must hold, with its shape (``head``: see :func:`stage_table`)."""
     H, d, F, V = dims.hidden_size, dims.head_dim, dims.ffn_hidden_size, dims.vocab_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    if not dims.tie_word_embeddings:
+    if head == "score":
+        shapes["score.weight"] = (1, H)
+    elif not dims.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, H)
     for i in range(dims.num_layers):
         h = f"model.layers.{i}."
@@ -288,11 +303,11 @@ def expected_hf_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
 _IGNORABLE_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
-def check_hf_state_dict(names_and_shapes: dict[str, tuple[int, ...]], dims: LlamaDims) -> None:
+def check_hf_state_dict(names_and_shapes: dict[str, tuple[int, ...]], dims: LlamaDims, head: str = "lm") -> None:
     """Every expected HF tensor present with the right shape, nothing unexpected; one error listing all problems."""
-    expected = expected_hf_shapes(dims)
+    expected = expected_hf_shapes(dims, head)
     have = {k: tuple(v) for k, v in names_and_shapes.items() if not _IGNORABLE_HF.match(k)}
-    if dims.tie_word_embeddings and "lm_head.weight" in have:
+    if head == "lm" and dims.tie_word_embeddings and "lm_head.weight" in have:
         # some tied checkpoints store the copy anyway; accept it only if it has the embedding's shape
         expected = {**expected, "lm_head.weight": expected["model.embed_tokens.weight"]}
     problems = []

@@ -1,0 +1,142 @@
+"""A scalar head on the learner's Megatron trunk: one value per sequence (the reward model; a PPO critic later).
+
+The model is the learner's GPTModel (``build_model(head="score")``) whose vocab output layer is swapped for
+:class:`ScalarHead`, ``Linear(hidden, 1)`` without bias, held whole on every TP rank of the last pipeline stage. Its
+input, the final-normed hidden state, is the same on every TP rank, so each computes the same value and the same
+gradient: no TP reduction (a ColumnParallelLinear would all-reduce the input gradient and count it TP times). The
+model's forward returns ``[b, s, 1]`` fp32 values, one per position; HF's equivalent is a
+``LlamaForSequenceClassification`` with ``num_labels=1``, whose ``score.weight`` is the head
+(``weights.mapping.SCORE``), so the converter, the HF loader and the exporter all go through the one mapping table.
+
+A sequence's value is the value at its last real token (:func:`last_token_values`). The learner right-pads its
+batches (causal attention: padding after a token never changes its value); the read itself handles left padding too.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class ScalarHead(torch.nn.Module):
+    """``[s, b, H] -> [s, b, 1]`` in fp32 whatever the trunk's precision. Sits in GPTModel's ``output_layer`` slot and
+    answers its call (``weight=``, ``runtime_gather_output=`` are the vocab layer's arguments, unused here)."""
+
+    def __init__(self, hidden_size: int, init_std: float, seed: int = 0):
+        super().__init__()
+        # the same fixed-seed draw on every rank: TP and DP replicas start identical without a broadcast
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(1, hidden_size, generator=g) * init_std)  # [1, H]
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        return F.linear(hidden_states.float(), self.weight.float()), None  # [s, b, 1]
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """``[b]`` position of each row's last real token; ``mask [b, s]`` is nonzero on real tokens (right or left
+    padding, or both)."""
+    m = mask.bool()
+    if not m.any(dim=1).all():
+        raise ValueError(f"rows {(~m.any(dim=1)).nonzero().flatten().tolist()} have no real token")
+    return m.shape[1] - 1 - m.flip(1).int().argmax(dim=1)  # first real token from the right
+
+
+def last_token_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values [b, s]`` (one per position) -> ``[b]``, each row's value at its last real token."""
+    return values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
+
+
+def right_padded(seqs: list[list[int]], rows: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[rows, S]`` and real-token mask ``[rows, S]``; rows beyond ``len(seqs)`` hold one pad token, so the
+    value read stays defined for them (callers drop them)."""
+    from megatron_async_rlhf.learner.forward import pad_batch
+
+    tokens = pad_batch(seqs, rows, pad_id)
+    lengths = torch.tensor([len(s) for s in seqs] + [1] * (rows - len(seqs)))  # [rows]
+    mask = torch.arange(tokens.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)  # [rows, S]
+    return tokens, mask
+
+
+def value_model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None, recompute: str = "none"):
+    """(LlamaConfig, scalar-head model stage, StageInfo) from an HF directory: a sequence classifier loads whole
+    (its ``score`` is the head); a language model gives its trunk and the head starts fresh (normal, std
+    ``initializer_range``, the same on every rank). All learner ranks call it together."""
+    from megatron_async_rlhf.hf_llama import read_config
+    from megatron_async_rlhf.learner.model import build_model
+    from megatron_async_rlhf.learner.parallel import init_learner_parallel
+    from megatron_async_rlhf.weights.hf_io import HFCheckpoint
+    from megatron_async_rlhf.weights.load import load_hf_into_stage
+    from megatron_async_rlhf.weights.mapping import head_kind
+
+    cfg = read_config(hf_dir)
+    init_learner_parallel(tp, pp)
+    model, info = build_model(cfg, dtype=dtype, init=False, recompute=recompute, head="score")
+    load_hf_into_stage(model, info, cfg, HFCheckpoint(hf_dir), trunk_only=head_kind(cfg.raw) == "lm")
+    return cfg, model, info
+
+
+def classifier_config(hf_config: dict, pad_token_id: int) -> dict:
+    """The HF ``config.json`` of the scalar-head model built from ``hf_config``: a ``LlamaForSequenceClassification``
+    with one label and a pad token (transformers reads each row's value at its last non-pad token)."""
+    out = dict(hf_config)
+    out.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+               pad_token_id=int(pad_token_id))
+    out.pop("num_labels", None)  # implied by id2label
+    return out
+
+
+@torch.no_grad()
+def sequence_values(model, seqs: list[list[int]], micro_batch: int = 8) -> torch.Tensor | None:
+    """``[N]`` fp32 value of each token sequence at its last token, on the last pipeline stage (None elsewhere).
+    All learner ranks call it together with the same inputs."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_async_rlhf.learner.forward import forward_collect
+
+    n = len(seqs)
+    rows = max(micro_batch, -(-n // micro_batch) * micro_batch)
+    tokens, mask = right_padded(seqs, rows)
+    chunks, masks = list(tokens.split(micro_batch)), list(mask.split(micro_batch))
+    model.eval()
+    outs = forward_collect(model, chunks, lambda v, i: last_token_values(v[..., 0], masks[i]))  # v: [b, s, 1]
+    return torch.cat(outs)[:n] if ps.is_pipeline_last_stage() else None
+
+
+ValueLossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def value_train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: ValueLossFn) -> dict:
+    """One optimizer step of a scalar-head model (the value counterpart of ``learner.train.train_step``). Each
+    micro-batch is a dict with ``tokens [b, s]`` (one shape for all) and whatever ``loss_fn(values [b, s] fp32,
+    batch) -> (loss, metrics)`` reads; megatron-core averages the micro-batches' losses. Returns the metrics *summed*
+    over micro-batches on the last stage ({} elsewhere; report counts and sums, divide afterwards), plus the grad
+    norm and whether the update was applied."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ddp.train()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    sums: dict[str, float] = {}
+
+    def loss_func(batch, output):  # output: [b, s, 1] on the last stage
+        loss, m = loss_fn(output[..., 0], batch)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        return loss, {}
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)  # [b, s]
+        return model(tokens, pos, None), partial(loss_func, batch)
+
+    b, s = micro_batches[0]["tokens"].shape
+    get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(micro_batches), model=[ddp],
+        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    return {**sums, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(ok)}
