@@ -172,9 +172,7 @@ def check_hf_model(path: str, tp: int = 1, pp: int = 1) -> LlamaConfig:
     """Everything a tool checks before it starts processes: a LLaMA-like config, a layout it fits, and a checkpoint
     whose tensors match the config (names and shapes; no weights are read)."""
     from megatron_async_rlhf.weights.hf_io import HFCheckpoint
-    from megatron_async_rlhf.weights.mapping import check_hf_state_dict
-
-    from megatron_async_rlhf.weights.mapping import head_kind
+    from megatron_async_rlhf.weights.mapping import check_hf_state_dict, head_kind
 
     cfg = read_config(path)
     validate_parallel(cfg, tp, pp)
