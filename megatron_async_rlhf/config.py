@@ -51,9 +51,11 @@ class ClusterConfig:
         return self.learner_world + self.rollout_world
 
     def validate(self, world_size: int | None = None, cuda: bool = False) -> "ClusterConfig":
-        for name in ("learner_tp", "learner_pp", "learner_dp", "rollout_engines", "rollout_tp"):
+        for name in ("learner_tp", "learner_pp", "learner_dp", "rollout_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cluster.{name}={getattr(self, name)} must be >= 1")
+        if self.rollout_engines < 0:  # 0: a learner-only world (mode=rm)
+            raise ConfigError(f"cluster.rollout_engines={self.rollout_engines} must be >= 0")
         if self.timeout_s <= 0 or self.bucket_mb <= 0:
             raise ConfigError("cluster.timeout_s and cluster.bucket_mb must be > 0")
         if world_size is not None and world_size != self.world:
@@ -174,7 +176,16 @@ class DataConfig:
     split: str = "train"
     eval_split: str = "test"
     prompt_key: str = "question"
+    """Column of the prompt. mode=rm: of the preference rows, default ``prompt`` (HH-RLHF / UltraFeedback style)
+    unless set; optional there when the chosen/rejected columns are whole conversations (message lists)."""
     answer_key: str = "answer"
+    chosen_key: str = "chosen"
+    """mode=rm: column of the preferred response: a string, or a list of ``{role, content}`` messages whose last
+    assistant turn is the response (the turns before it are the prompt)."""
+    rejected_key: str = "rejected"
+    """mode=rm: column of the dispreferred response, in the same form as ``chosen_key``."""
+    margin_key: str = ""
+    """mode=rm: optional numeric column, a per-pair margin in the loss (else ``rm.margin``)."""
     max_prompt_len: int = 32
     """Longest prompt in tokens; longer prompts are an error at start-up."""
     use_chat_template: bool = False
@@ -219,6 +230,40 @@ class SFTConfig:
     """Supervised warm-start steps on (prompt, answer) before RL (mode=sft: only this)."""
     batch_size: int = 32
     lr: float = 1e-3
+
+
+@dataclass(kw_only=True)
+class RMConfig:
+    """mode=rm: reward-model training on preference pairs (Bradley-Terry loss), learner ranks only.
+    The data come from ``data.*`` (source, split / eval_split, train_size / eval_size = pairs read, keys)."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Preference pairs per optimizer step, over all learner data-parallel replicas."""
+    micro_batch: int = 16
+    """Sequences per micro-batch (two per pair: a pair's chosen and rejected always share one)."""
+    lr: float = 1e-5
+    eval_every: int = 0
+    """Held-out pairwise accuracy every N steps as well as before and after; 0: before and after only."""
+    margin: float = 0.0
+    """Loss ``-log sigmoid(r_chosen - r_rejected - margin)``; a ``data.margin_key`` column overrides it per pair."""
+    max_len: int = 0
+    """Longest prompt + response in tokens; 0: the model's max_position_embeddings. A longer pair is an error at
+    start-up naming the row."""
+
+    def validate(self, learner_dp: int = 1) -> "RMConfig":
+        for k in ("steps", "batch_size", "micro_batch"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"rm.{k}={getattr(self, k)} must be >= 1")
+        if self.micro_batch % 2:
+            raise ConfigError(f"rm.micro_batch={self.micro_batch} must be even: a pair's two sequences share one")
+        if self.batch_size % learner_dp:
+            raise ConfigError(f"rm.batch_size={self.batch_size} pairs do not split over cluster.learner_dp="
+                              f"{learner_dp} data-parallel replicas")
+        if self.eval_every < 0 or self.max_len < 0 or self.lr <= 0:
+            raise ConfigError("rm.eval_every and rm.max_len must be >= 0 and rm.lr > 0")
+        return self
 
 
 @dataclass(kw_only=True)
@@ -271,8 +316,12 @@ class AlgorithmConfig:
 @dataclass(kw_only=True)
 class RewardConfig:
     kind: str = "math"
-    """math (verifiable final answer) | reward_model (an HF sequence classifier at reward_model_path)"""
+    """math (verifiable final answer) | reward_model (an HF sequence classifier at reward_model_path) | judge (a
+    programmatic judge from ``rewards/judges.py``, named by ``judge``)"""
     reward_model_path: str = ""
+    judge: str = "vader"
+    """reward.kind=judge: the judge's name (``rewards.judges.JUDGES``), e.g. vader (VADER sentiment compound of the
+    completion, in [-1, 1])."""
     missing_eos_penalty: float = 0.0
 
 
@@ -289,7 +338,8 @@ class LoggingConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     mode: str = "rl"
-    """rl (warm start if sft.steps > 0, then RL) | sft (supervised only)"""
+    """rl (warm start if sft.steps > 0, then RL) | sft (supervised only) | rm (reward model on preference pairs,
+    ``modes/rm.py``; learner ranks only, no rollout engines)"""
     seed: int = 0
     pin_cpus: bool = True
     """CPU: pin learner ranks and engine ranks to separate cores."""
@@ -298,6 +348,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -305,16 +356,26 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, cuda: bool = False) -> "RunConfig":
-        if self.mode not in ("rl", "sft"):
-            raise ConfigError(f"mode={self.mode!r}: use rl or sft")
+        if self.mode not in ("rl", "sft", "rm"):
+            raise ConfigError(f"mode={self.mode!r}: use rl, sft or rm")
+        if self.mode == "rm":
+            self.rm.validate(self.cluster.learner_dp)
+        elif self.cluster.rollout_engines < 1:
+            raise ConfigError(f"cluster.rollout_engines={self.cluster.rollout_engines}: mode={self.mode} needs at "
+                              "least one rollout engine")
         self.algorithm.validate()
         self.data.validate()
         self.cluster.validate(cuda=cuda)
         self.learner.validate()
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:
             raise ConfigError("eval.every and eval.max_new_tokens must be >= 0")
-        if self.reward.kind not in ("math", "reward_model"):
-            raise ConfigError(f"reward.kind={self.reward.kind!r}: use math or reward_model")
+        if self.reward.kind not in ("math", "reward_model", "judge"):
+            raise ConfigError(f"reward.kind={self.reward.kind!r}: use math, reward_model or judge")
+        if self.reward.kind == "judge":
+            from megatron_async_rlhf.rewards.judges import JUDGES
+
+            if self.reward.judge not in JUDGES:
+                raise ConfigError(f"reward.judge={self.reward.judge!r} unknown; choose one of {sorted(JUDGES)}")
         if self.reward.kind == "reward_model" and not self.reward.reward_model_path:
             raise ConfigError("reward.kind=reward_model needs reward.reward_model_path")
         need = self.data.max_prompt_len + self.algorithm.max_new_tokens
@@ -339,12 +400,14 @@ def run_config_from_dict(d: dict) -> RunConfig:
     d = dict(d)
     sub = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     classes = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "eval": EvalConfig,
-               "algorithm": AlgorithmConfig,
+               "algorithm": AlgorithmConfig, "rm": RMConfig,
                "reward": RewardConfig, "cluster": ClusterConfig, "rollout": RolloutConfig, "learner": LearnerConfig,
                "logging": LoggingConfig}
     unknown = sorted(set(d) - set(sub))
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sub)}")
+    if d.get("mode") == "rm" and "prompt_key" not in (d.get("data") or {}):
+        d["data"] = {**(d.get("data") or {}), "prompt_key": "prompt"}  # preference data's column (HH-RLHF, UltraFeedback)
     kw = {k: from_dict(classes[k], d.get(k)) for k in classes}
     kw.update({k: d[k] for k in ("mode", "seed", "pin_cpus") if k in d})
     return RunConfig(**kw)

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if cfg.mode == "rm":  # reward-model training: learner ranks only (modes/rm.py)
+        from megatron_async_rlhf.modes import rm
+
+        return rm.main(cfg, model_path)
     from megatron_async_rlhf.launch import run_distributed
 
     t0 = time.time()

@@ -39,10 +39,10 @@ class Trainer:
                                    cfg.logging.wandb_project, cfg.algorithm.steps)
         self._evaluator = None
         self.reward_model = None
-        if cfg.reward.kind == "reward_model" and ctx.is_controller:
-            from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
+        if ctx.is_controller:  # a reward model or a judge (rewards/scorer.py); None: math, scored against gold
+            from megatron_async_rlhf.rewards.scorer import text_scorer
 
-            self.reward_model = RewardModelScorer(cfg.reward.reward_model_path)
+            self.reward_model = text_scorer(cfg.reward)
 
     # ----- rewards (controller) --------------------------------------------------------------------------------
     def rewards(self, samples, rows: list[Row], penalties: bool = True) -> torch.Tensor:

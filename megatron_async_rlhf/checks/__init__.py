@@ -9,6 +9,10 @@ from megatron_async_rlhf.checks.model import check_model
 
 def preflight(cfg, model_path: str, cuda: bool = False) -> None:
     mc = check_model(cfg, model_path, cuda)
+    if cfg.mode == "rm":  # preference pairs instead of prompts
+        from megatron_async_rlhf.checks.preferences import check_preferences
+
+        return check_preferences(cfg, model_path, mc.max_position_embeddings, mc.vocab_size)
     check_data(cfg, model_path, mc.vocab_size)
 
 

@@ -1,0 +1,198 @@
+"""mode=rm: a reward model trained on preference pairs by the Megatron learner, exported for transformers and vLLM.
+
+    python -m megatron_async_rlhf mode=rm data.source=prefs.jsonl model.path=DIR rm.steps=200
+
+    learner ranks only -> pairs (data/preferences.py) -> scalar-head model from model.path (learner/value_head.py)
+    -> held-out accuracy -> rm.steps x [Bradley-Terry step (algorithms/bradley_terry.py); eval every rm.eval_every]
+    -> held-out accuracy -> <logging.out_dir>/reward_model/final (HF LlamaForSequenceClassification + tokenizer)
+
+No rollout engine is started: the world is the learner pool (``cluster.learner_tp x learner_pp x learner_dp`` ranks),
+``cluster.rollout_*`` are ignored. Each data-parallel replica trains on its share of every batch of pairs. The run's
+last line is ``rm_accuracy=<held-out pairwise accuracy>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_async_rlhf.algorithms.bradley_terry import bradley_terry_loss
+from megatron_async_rlhf.config import RunConfig, run_config_from_dict
+
+log = logging.getLogger("megatron_async_rlhf")
+
+
+def main(cfg: RunConfig, model_path: str) -> int:
+    """Launch a learner-only world and run :func:`job` on it (train.py's ``main`` dispatches here)."""
+    from megatron_async_rlhf.launch import run_distributed
+
+    t0 = time.time()
+    run = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, rollout_engines=0))
+    summary = run_distributed(run.cluster.world, job, dataclasses.asdict(run), model_path, default_group=False,
+                              timeout_s=24 * 3600)[0]
+    if summary is None:  # a non-controller rank under torchrun
+        return 0
+    log.info("finished in %.1f s: %s", time.time() - t0, summary)
+    print(f"rm_accuracy={summary['rm_accuracy']:.4f} rm_accuracy_before={summary['rm_accuracy_before']:.4f} "
+          f"eval_pairs={summary['eval_pairs']} export={summary['export']}", flush=True)
+    return 0
+
+
+def job(cfg_dict: dict, model_path: str, session: str = "rm", world_size: int | None = None) -> dict | None:
+    from megatron_async_rlhf.cluster import setup
+    from megatron_async_rlhf.train import _pin_cpus
+
+    cfg = run_config_from_dict(cfg_dict)
+    ctx = setup(cfg.cluster, session, world_size)
+    if ctx is None:
+        return None
+    if cfg.pin_cpus and not torch.cuda.is_available():
+        _pin_cpus(ctx)
+    return RewardModelTraining(cfg, ctx, model_path).run()
+
+
+def _last_stage_totals(values: list[float] | None, n: int) -> list[float]:
+    """Sums over the data-parallel replicas of numbers known on the last pipeline stage (its TP rank 0 contributes;
+    ``values`` is ignored elsewhere), on every learner rank."""
+    from megatron.core import parallel_state as ps
+
+    mine = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and values is not None
+    t = torch.tensor(values if mine else [0.0] * n, dtype=torch.float64)
+    dist.all_reduce(t)  # the default group is the learner pool
+    return t.tolist()
+
+
+class RewardModelTraining:
+    def __init__(self, cfg: RunConfig, ctx, model_path: str):
+        from transformers import AutoTokenizer
+
+        from megatron_async_rlhf.checks.preferences import load_tokenized_pairs
+        from megatron_async_rlhf.data.preferences import rm_pad_token_id
+        from megatron_async_rlhf.hf_llama import read_config
+
+        self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
+        tok = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = rm_pad_token_id(tok)
+        self.train_pairs, self.eval_pairs = load_tokenized_pairs(cfg, tok, read_config(model_path).max_position_embeddings)
+        self.rng = random.Random(cfg.seed)  # the same on every rank: every replica draws the same batch
+        self._order: list[int] = []
+        self.metrics = None
+        if ctx.is_controller:
+            from megatron_async_rlhf.metrics import Metrics
+
+            self.metrics = Metrics(cfg.logging.out_dir, dataclasses.asdict(cfg), cfg.logging.wandb_mode,
+                                   cfg.logging.wandb_project, cfg.rm.steps)
+
+    def _next_batch(self) -> list:
+        """``rm.batch_size`` training pairs, epoch by epoch in a shuffled order."""
+        out = []
+        while len(out) < self.cfg.rm.batch_size:
+            if not self._order:
+                self._order = list(range(len(self.train_pairs)))
+                self.rng.shuffle(self._order)
+            out.append(self.train_pairs[self._order.pop()])
+        return out
+
+    def train_step(self, ddp, opt, pairs: list) -> dict:
+        """One Bradley-Terry step on this replica's pairs; metrics summed over all replicas."""
+        from megatron_async_rlhf.learner.step import NonFiniteLoss, micro_size
+        from megatron_async_rlhf.learner.value_head import last_token_values, right_padded, value_train_step
+
+        seqs = [s for p in pairs for s in (p.chosen, p.rejected)]  # pair-major: chosen, rejected, chosen, ...
+        micro = micro_size(len(seqs), self.cfg.rm.micro_batch, 2)
+        rows = -(-len(seqs) // micro) * micro
+        tokens, mask = right_padded(seqs, rows)  # [rows, S], one shape for every micro-batch
+        margin = torch.tensor([p.margin for p in pairs] + [0.0] * ((rows - len(seqs)) // 2))  # [rows/2]
+        valid = torch.arange(rows // 2) < len(pairs)  # [rows/2] padding pairs carry no loss
+        n_micro = rows // micro
+        batches = [{"tokens": tokens[i:i + micro], "mask": mask[i:i + micro], "margin": margin[i // 2:(i + micro) // 2],
+                    "valid": valid[i // 2:(i + micro) // 2]} for i in range(0, rows, micro)]
+
+        def loss_fn(values, b):  # values [b, s]
+            v = last_token_values(values, b["mask"])  # [b]
+            ok = b["valid"]
+            k = int(ok.sum())
+            if not k:
+                return values.sum() * 0.0, {}
+            loss, m = bradley_terry_loss(v[0::2][ok], v[1::2][ok], b["margin"][ok])
+            # megatron-core averages the micro-batches' losses: weight each by its share of this replica's pairs
+            return loss * (k * n_micro / len(pairs)), {"loss_sum": loss.detach() * k, "correct": m["accuracy"] * k,
+                                                        "pairs": k}
+
+        out = value_train_step(ddp, opt, batches, loss_fn)
+        keys = ("loss_sum", "correct", "pairs")
+        loss_sum, correct, n = _last_stage_totals([out.get(k, 0.0) for k in keys], len(keys))
+        if not torch.isfinite(torch.tensor([loss_sum, out["grad_norm"]])).all():
+            raise NonFiniteLoss(f"non-finite reward-model loss/grad norm ({loss_sum}, {out['grad_norm']}); stopping")
+        return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": out["grad_norm"]}
+
+    def evaluate(self, model, step: int, dp: int, dp_rank: int) -> float:
+        """Held-out pairwise accuracy (and loss), logged by the controller; every rank gets the accuracy."""
+        from megatron_async_rlhf.learner.value_head import sequence_values
+
+        mine = self.eval_pairs[dp_rank::dp]
+        vals = None
+        if mine:
+            v = sequence_values(model, [s for p in mine for s in (p.chosen, p.rejected)], self.cfg.rm.micro_batch)
+            if v is not None:
+                c, r = v[0::2], v[1::2]
+                loss, _ = bradley_terry_loss(c, r, torch.tensor([p.margin for p in mine]))
+                vals = [float((c > r).sum()), float(loss) * len(mine), float(len(mine)), float((c - r).sum())]
+        correct, loss_sum, n, diff = _last_stage_totals(vals, 4)
+        acc = correct / n
+        if self.metrics:
+            self.metrics.log(step, "rm_eval", accuracy=acc, loss=loss_sum / n, reward_diff=diff / n, n=int(n))
+        return acc
+
+    def run(self) -> dict | None:
+        from megatron_async_rlhf.learner.parallel import ranks
+        from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
+        from megatron_async_rlhf.learner.value_head import value_model_from_hf
+
+        cfg, rc = self.cfg, self.cfg.rm
+        mcfg, model, info = value_model_from_hf(self.model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,
+                                                dtype=cfg.learner.params_dtype, recompute=cfg.learner.recompute)
+        ddp, opt = wrap_for_training(model, OptimConfig(lr=rc.lr, distributed_optimizer=cfg.learner.distributed_optimizer))
+        dp, dp_rank = ranks()["dp"], ranks()["dp_rank"]
+        try:
+            acc0 = self.evaluate(model, 0, dp, dp_rank)
+            t0 = time.perf_counter()
+            for step in range(1, rc.steps + 1):
+                m = self.train_step(ddp, opt, self._next_batch()[dp_rank::dp])
+                if self.metrics:
+                    self.metrics.log(step, "rm", **m)
+                if rc.eval_every and step % rc.eval_every == 0 and step < rc.steps:
+                    self.evaluate(model, step, dp, dp_rank)
+            train_s = time.perf_counter() - t0
+            acc1 = self.evaluate(model, rc.steps, dp, dp_rank)
+            out = self.export(model, info, mcfg, "final")
+        finally:
+            if self.metrics:
+                self.metrics.close()
+        if not self.ctx.is_controller:
+            return None
+        return {"mode": "rm", "rm_accuracy": acc1, "rm_accuracy_before": acc0, "eval_pairs": len(self.eval_pairs),
+                "train_pairs": len(self.train_pairs), "steps": rc.steps, "train_seconds": round(train_s, 2),
+                "export": out, "metrics": self.metrics.path}
+
+    def export(self, model, info, mcfg, name: str) -> str:
+        """HF LlamaForSequenceClassification (num_labels=1, pad token set) + tokenizer, written atomically."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_async_rlhf.learner.value_head import classifier_config
+        from megatron_async_rlhf.weights.gather import full_hf_state_dict
+        from megatron_async_rlhf.weights.hf_io import save_hf
+
+        out = os.path.join(self.cfg.logging.out_dir, "reward_model", name)
+        sd = full_hf_state_dict(model, info, mcfg) if ps.get_data_parallel_rank() == 0 else None
+        if sd is not None and self.ctx.is_controller:
+            save_hf(out, sd, classifier_config(mcfg.raw, self.pad_id), copy_from=self.model_path)
+            log.info("exported reward model to %s", out)
+        dist.barrier()
+        return out
