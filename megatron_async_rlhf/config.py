@@ -124,6 +124,10 @@ class LearnerConfig:
 
     @property
     def params_dtype(self):
+    max_tokens_per_micro_batch: int = 0
+    """Micro-batches by token budget: rows (DPO pairs kept together) sorted by length and packed so that rows x
+    longest row <= this, each padded only to its own longest row; ``pad_fraction`` is logged per step. The loss and
+    gradient are those of the whole batch either way. 0: by row count (``algorithm.micro_batch`` rows at most)."""
         """The learner's (and reference model's) weight dtype, as a torch dtype."""
         import torch
 
@@ -140,6 +144,9 @@ class LearnerConfig:
 def from_dict(cls, d: dict | None):
     """Build a config dataclass from a plain dict, rejecting unknown keys with the list of known ones."""
     d = dict(d or {})
+        if self.max_tokens_per_micro_batch < 0:
+            raise ConfigError(f"learner.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be >= 0 "
+                              "(0: micro-batches by algorithm.micro_batch rows)")
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(types))
     if unknown:

@@ -72,7 +72,8 @@ class Trainer:
             idx = [self.rng.randrange(len(self.train_rows)) for _ in range(sc.batch_size)]
             answers = [self.tok(" " + self.train_rows[i].answer, add_special_tokens=False)["input_ids"] + [eos]
                        for i in idx]
-            out = sft_step(ddp, opt, [self.train_ids[i] for i in idx], answers, vocab_size, sc.batch_size)
+            out = sft_step(ddp, opt, [self.train_ids[i] for i in idx], answers, vocab_size, sc.batch_size,
+                           self.cfg.learner.max_tokens_per_micro_batch)
             if self.metrics and (step % 10 == 0 or step == sc.steps - 1):
                 self.metrics.log(step, "sft", **{k: v for k, v in out.items() if isinstance(v, float)})
 
@@ -127,7 +128,8 @@ class Trainer:
 
             def train(batch):
                 rewards = self._shared_rewards(batch.samples, batch.meta)
-                return rl_step(batch, rewards, ac, ddp, opt, ref, mcfg.vocab_size)
+                return rl_step(batch, rewards, ac, ddp, opt, ref, mcfg.vocab_size,
+                               cfg.learner.max_tokens_per_micro_batch)
 
             def on_step(batch, m):
                 if self.metrics:

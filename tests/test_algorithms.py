@@ -86,7 +86,7 @@ def test_micro_batches_pad_few_rows_and_keep_pairs_together():
 
     # (rows, cap, multiple) -> rows per micro-batch; padding = count * size - rows stays below one row per batch
     assert micro_size(4, 8, 2) == 4      # 2 DPO pairs: one micro-batch of 4, not 8
-    assert micro_size(10, 8, 2) == 6     # 2 micro-batches of 6 (2 padding rows), pairs never split (even)
-    assert micro_size(17, 8, 1) == 6     # 3 x 6 = 18 rows for 17
+    assert micro_size(10, 8, 2) == 6     # micro-batches of 6 and 4 rows, pairs never split (even)
+    assert micro_size(17, 8, 1) == 6     # 6 + 6 + 5 rows
     assert micro_size(33, 32, 1) == 17
     assert micro_size(2, 1, 2) == 2      # a cap below a pair still holds one pair

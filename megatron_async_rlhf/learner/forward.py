@@ -15,7 +15,7 @@ def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def forward_collect(
     model,
-    micro_batches: list[torch.Tensor],  # each [b, s] token ids
+    micro_batches: list[torch.Tensor],  # each [b, s] token ids; shapes may differ
     on_logits: Callable[[torch.Tensor, int], object],
 ) -> list[object]:
     """Run the micro-batches forward through every pipeline stage; on the last stage, apply
@@ -36,16 +36,19 @@ def forward_collect(
         out = m(tokens, _position_ids(tokens), None)  # [b, s, Vp/tp] on the last stage, hidden states elsewhere
         return out, partial(loss_func, i)
 
+    from megatron_async_rlhf.learner.train import variable_shapes
+
     b, s = micro_batches[0].shape
-    get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=it,
-        model=[model],
-        num_microbatches=len(micro_batches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=True,
-    )
+    with variable_shapes(model, micro_batches):
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=it,
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
+        )
     return collected
 
 

@@ -1,7 +1,14 @@
-"""One learner step on a batch of samples: rows and masks, reference log-probs, the algorithm's loss, the update.
+"""One learner step on a batch of samples: micro-batches, reference log-probs, the algorithm's loss, the update.
 
 Glue between the schedule (train.py) and the pure losses (algorithms/). Every learner rank calls these together;
 reference log-probs and the loss live on the last pipeline stage.
+
+Micro-batches (:func:`plan_micro_batches`) come in two kinds: by row count (``algorithm.micro_batch`` rows at most,
+rows spread evenly, batch order kept) or by token budget (``learner.max_tokens_per_micro_batch``: rows sorted by
+length and packed so rows x longest row stays within the budget). Either way each micro-batch is padded only to its
+own longest row, and no padding rows are added. The loss of a micro-batch is weighted by its share of the batch's loss
+units (DPO pairs, RLOO samples, PPO / SFT completion tokens), so the step's loss and gradient are those of the whole
+batch in one padded pass, whatever the split.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import torch
 
 from megatron_async_rlhf import algorithms as A
 from megatron_async_rlhf.config import AlgorithmConfig
-from megatron_async_rlhf.learner.forward import pad_batch, token_logprobs
+from megatron_async_rlhf.learner.forward import forward_collect, pad_batch
 from megatron_async_rlhf.learner.train import train_step
 
 
@@ -20,53 +27,109 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _rows(seqs: list[list[int]], starts: list[int], micro: int, extra: list[torch.Tensor] | None = None):
-    """Padded tokens ``[R, S]`` (R a multiple of ``micro``), completion mask ``[R, S-1]`` (1 on positions predicting
-    a completion token) and a valid-row flag ``[R]``."""
-    n = len(seqs)
-    rows = max(micro, -(-n // micro) * micro)
-    tokens = pad_batch(seqs, rows)
-    mask = torch.zeros(rows, tokens.shape[1] - 1)
-    for i, (s, st) in enumerate(zip(seqs, starts)):
-        mask[i, st - 1: len(s) - 1] = 1.0
-    valid = torch.zeros(rows, dtype=torch.bool)
-    valid[:n] = True
-    return tokens, mask, valid
-
-
 def micro_size(n: int, micro: int, multiple: int = 1) -> int:
     """Rows per micro-batch for ``n`` rows and a cap of ``micro``: as few micro-batches as the cap allows, rows spread
-    evenly over them (a multiple of ``multiple``: 2 keeps DPO pairs together), so padding rows stay few. A batch of 4
-    pairs with ``micro=16`` trains 8 rows, not 16."""
+    evenly over them (a multiple of ``multiple``: 2 keeps DPO pairs together). A batch of 4 pairs with ``micro=16``
+    trains one micro-batch of 8 rows, not 16."""
     cap = max(multiple, micro - micro % multiple)
     count = -(-n // cap)
     size = -(-n // count)
     return -(-size // multiple) * multiple
 
 
-def _split(d: dict, micro: int) -> list[dict]:
-    rows = d["tokens"].shape[0]
-    return [{k: (v[i:i + micro] if torch.is_tensor(v) else v) for k, v in d.items()} for i in range(0, rows, micro)]
+def plan_micro_batches(lengths: list[int], group: int = 1, max_rows: int = 16, max_tokens: int = 0) -> list[list[int]]:
+    """Row indices of each micro-batch. Rows come in units of ``group`` consecutive rows (2: a DPO pair, chosen then
+    rejected) that are never split.
+
+    ``max_tokens == 0``: at most ``max_rows`` rows per micro-batch, as few micro-batches as that allows, batch order
+    kept. ``max_tokens > 0``: units sorted longest first and packed greedily while rows x longest row <= max_tokens
+    (``max_rows`` is not used); a unit longer than the budget on its own gets a micro-batch of its own."""
+    n = len(lengths)
+    if n % group:
+        raise ValueError(f"{n} rows do not form units of {group}")
+    if max_tokens <= 0:
+        size = micro_size(n, max_rows, group)
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    units = [list(range(u, u + group)) for u in range(0, n, group)]
+    width_of = [max(lengths[i] for i in u) for u in units]
+    plans: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for u in sorted(range(len(units)), key=lambda u: -width_of[u]):  # stable: equal lengths keep batch order
+        if cur and (len(cur) + group) * max(width, width_of[u]) > max_tokens:
+            plans.append(cur)
+            cur, width = [], 0
+        cur.extend(units[u])
+        width = max(width, width_of[u])
+    if cur:
+        plans.append(cur)
+    return plans
 
 
-def sft_step(ddp, opt, prompts: list[list[int]], answers: list[list[int]], vocab_size: int, micro: int) -> dict:
-    """Supervised step: mean NLL of the answer tokens given the prompt."""
-    micro = micro_size(len(prompts), micro)
-    tokens, mask, valid = _rows([p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts], micro)
+def pad_fraction(micro_batches: list[dict]) -> float:
+    """Share of the token positions the model computes that are padding."""
+    total = sum(m["tokens"].numel() for m in micro_batches)
+    real = sum(int(m["length"].sum()) for m in micro_batches)
+    return 1.0 - real / total
+
+
+def build_micro_batches(seqs: list[list[int]], starts: list[int], plan: list[list[int]]) -> list[dict]:
+    """Per micro-batch: ``tokens [b, s]`` right-padded to its longest row, ``mask [b, s-1]`` (1 on positions that
+    predict a completion token), ``rows`` (indices into the batch) and ``length [b]``."""
+    out = []
+    for idx in plan:
+        tokens = pad_batch([seqs[i] for i in idx], len(idx))
+        mask = torch.zeros(len(idx), tokens.shape[1] - 1)
+        for r, i in enumerate(idx):
+            mask[r, starts[i] - 1: len(seqs[i]) - 1] = 1.0
+        out.append({"tokens": tokens, "mask": mask, "rows": torch.tensor(idx),
+                    "length": torch.tensor([len(seqs[i]) for i in idx])})
+    return out
+
+
+def _weigh(micro_batches: list[dict], units: list[float]) -> None:
+    """``weight`` = the micro-batch's share of the batch's loss units (train_step scales its loss by it)."""
+    total = sum(units)
+    for m, u in zip(micro_batches, units):
+        m["weight"] = u / total if total else 1.0 / len(micro_batches)
+
+
+def sft_step(ddp, opt, prompts: list[list[int]], answers: list[list[int]], vocab_size: int, micro: int,
+             max_tokens: int = 0) -> dict:
+    """Supervised step: mean NLL of the answer tokens given the prompt (over all answer tokens of the batch)."""
+    seqs = [p + a for p, a in zip(prompts, answers)]
+    mbs = build_micro_batches(seqs, [len(p) for p in prompts], plan_micro_batches([len(s) for s in seqs], 1, micro,
+                                                                               max_tokens))
+    _weigh(mbs, [float(m["mask"].sum()) for m in mbs])
 
     def loss_fn(lp, b):
         loss = -(lp * b["mask"]).sum() / b["mask"].sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
 
-    return train_step(ddp, opt, _split({"tokens": tokens, "mask": mask}, micro), loss_fn, vocab_size)
+    return {**train_step(ddp, opt, mbs, loss_fn, vocab_size), "pad_fraction": pad_fraction(mbs)}
 
 
-def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_model, vocab_size: int) -> dict:
-    """One RL update on ``batch.samples`` (prompt-major, k per prompt) with scalar ``rewards [N]``."""
+def reference_logprobs(ref_model, micro_batches: list[dict], vocab_size: int, temperature: float) -> None:
+    """``ref [b, s-1]`` into each micro-batch, on the last pipeline stage (all learner ranks call it)."""
+    from megatron_async_rlhf.learner.logprobs import vocab_parallel_logprobs
+
+    ref_model.eval()
+    toks = [m["tokens"] for m in micro_batches]
+    outs = forward_collect(ref_model, toks, lambda logits, i: vocab_parallel_logprobs(
+        logits[:, :-1], toks[i][:, 1:], vocab_size, temperature))
+    for m, lp in zip(micro_batches, outs):
+        m["ref"] = lp
+
+
+def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_model, vocab_size: int,
+            max_tokens: int = 0) -> dict:
+    """One RL update on ``batch.samples`` (prompt-major, k per prompt) with scalar ``rewards [N]``.
+    ``max_tokens``: the micro-batch token budget (0: ``ac.micro_batch`` rows per micro-batch)."""
     samples, k = batch.samples, ac.samples_per_prompt
     r = rewards.view(-1, k)  # [P, k]
     metrics: dict = {"reward_mean": rewards.mean().item()}
-    if ac.name == "online_dpo":
+    dpo = ac.name == "online_dpo"
+    if dpo:
         chosen, rejected, ok = A.select_pairs(r)
         order = [p * k + int(i) for p in range(r.shape[0]) if ok[p] for i in (chosen[p], rejected[p])]
         metrics["pairs"] = len(order) // 2
@@ -74,44 +137,46 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
             return {**metrics, "skipped": 1.0}  # every prompt tied: no preference to learn from
     else:
         order = list(range(len(samples)))
-    micro = micro_size(len(order), ac.micro_batch, 2 if ac.name == "online_dpo" else 1)
-    picked = [samples[i] for i in order]
+    picked = [samples[i] for i in order]  # row j of the batch is samples[order[j]]
     seqs = [s.prompt_ids + s.token_ids for s in picked]
-    tokens, mask, valid = _rows(seqs, [len(s.prompt_ids) for s in picked], micro)
-    ref = token_logprobs(ref_model, tokens, vocab_size, ac.temperature, micro)  # [R, S-1] on the last stage
-    sampler = torch.zeros_like(mask)
-    for i, s in enumerate(picked):
-        st = len(s.prompt_ids) - 1
-        sampler[i, st: st + len(s.logprobs)] = torch.tensor(s.logprobs)
-    d = {"tokens": tokens, "mask": mask, "valid": valid, "sampler": sampler}
-    if ref is not None:
-        d["ref"] = ref
+    starts = [len(s.prompt_ids) for s in picked]
+    mbs = build_micro_batches(seqs, starts, plan_micro_batches([len(s) for s in seqs], 2 if dpo else 1,
+                                                               ac.micro_batch, max_tokens))
+    for m in mbs:
+        m["sampler"] = torch.zeros_like(m["mask"])
+        for j, i in enumerate(m["rows"].tolist()):
+            lp = picked[i].logprobs
+            m["sampler"][j, starts[i] - 1: starts[i] - 1 + len(lp)] = torch.tensor(lp)
+    reference_logprobs(ref_model, mbs, vocab_size, ac.temperature)
+    if "ref" in mbs[0]:  # the last pipeline stage: advantages need every row's numbers
         if ac.name == "rloo":
-            rr = A.kl_penalized_rewards(rewards[order], sampler[: len(order)], ref[: len(order)],
-                                        mask[: len(order)], ac.kl_coef)
+            rr = rewards[order].clone()
+            for m in mbs:
+                rr[m["rows"]] = A.kl_penalized_rewards(rr[m["rows"]], m["sampler"], m["ref"], m["mask"], ac.kl_coef)
             adv = A.rloo_advantages(rr.view(-1, k)).reshape(-1)
         elif ac.name == "ppo":
             adv = A.group_advantages(r).reshape(-1)[order]
         else:
             adv = torch.zeros(len(order))
-        d["adv"] = torch.cat([adv, torch.zeros(tokens.shape[0] - len(order))])
+        for m in mbs:
+            m["adv"] = adv[m["rows"]]
+    units = {"online_dpo": lambda m: len(m["rows"]) / 2, "rloo": lambda m: len(m["rows"]),
+             "ppo": lambda m: float(m["mask"].sum())}[ac.name]
+    _weigh(mbs, [units(m) for m in mbs])
 
     def loss_fn(lp, b):
-        v = b["valid"]
-        if not v.any():
-            return lp.sum() * 0.0, {}
-        lp, m, rf = lp[v] * b["mask"][v], b["mask"][v], b["ref"][v]
-        if ac.name == "online_dpo":
+        lp, m, rf = lp * b["mask"], b["mask"], b["ref"]
+        if dpo:
             seq, ref_seq = lp.sum(-1), (rf * m).sum(-1)
             loss, mm = A.online_dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], ac.beta, ac.loss_type)
         elif ac.name == "rloo":
-            loss, mm = A.rloo_loss(lp, b["adv"][v], m)
+            loss, mm = A.rloo_loss(lp, b["adv"], m)
         else:
-            loss, mm = A.ppo_clip_loss(lp, None, b["sampler"][v], b["adv"][v], m, ac.clip_eps, ac.tis_cap)
+            loss, mm = A.ppo_clip_loss(lp, None, b["sampler"], b["adv"], m, ac.clip_eps, ac.tis_cap)
         return loss, {**mm, "loss": loss.detach()}
 
-    out = train_step(ddp, opt, _split(d, micro), loss_fn, vocab_size, ac.temperature)
+    out = train_step(ddp, opt, mbs, loss_fn, vocab_size, ac.temperature)
     if "loss" in out and not math.isfinite(out["loss"]) or not math.isfinite(out.get("grad_norm", 0.0)):
         raise NonFiniteLoss(f"non-finite loss/grad norm at this step ({out}); stopping. The last exported policy on "
                             "disk is the last good state.")
-    return {**metrics, **out}
+    return {**metrics, **out, "pad_fraction": pad_fraction(mbs), "micro_batches": len(mbs)}

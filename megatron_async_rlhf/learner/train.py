@@ -4,6 +4,7 @@ pipeline stage from vocab-parallel log-probs (exact under TP)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -53,26 +54,45 @@ def wrap_for_training(model, oc: OptimConfig):
     return ddp, get_megatron_optimizer(ocfg, [ddp])
 
 
+@contextlib.contextmanager
+def variable_shapes(model, micro_batches: list[torch.Tensor]):
+    """Micro-batches of different shapes through a pipeline: megatron-core's p2p sends each activation's shape
+    before the activation (``variable_seq_lengths``) for the duration of the call; equal shapes keep the fixed-shape
+    path."""
+    cfg = model.config
+    before = cfg.variable_seq_lengths
+    cfg.variable_seq_lengths = before or len({tuple(t.shape) for t in micro_batches}) > 1
+    try:
+        yield
+    finally:
+        cfg.variable_seq_lengths = before
+
+
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
 def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab_size: int,
                temperature: float = 1.0) -> dict:
-    """One optimizer step. Each micro-batch is a dict with ``tokens [b, s]`` (and whatever ``loss_fn`` reads);
-    all micro-batches share one shape. Returns the averaged metrics on the last stage ({} elsewhere) plus grad norm."""
+    """One optimizer step. Each micro-batch is a dict with ``tokens [b, s]`` (and whatever ``loss_fn`` reads); shapes
+    may differ between micro-batches. The step minimises ``sum_i weight_i * loss_i`` over the micro-batches, with
+    ``weight`` from the dict (its share of the batch's loss units; default: equal shares), so a loss that is a mean
+    within its micro-batch becomes the mean over the batch. Returns the metrics on the last stage, weighted the same
+    way ({} elsewhere), plus grad norm."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     ddp.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     it = iter(micro_batches)
-    metrics: list[dict] = []
+    n = len(micro_batches)
+    metrics: list[tuple[float, dict]] = []
 
     def loss_func(batch, output):
         lp = vocab_parallel_logprobs(output[:, :-1], batch["tokens"][:, 1:], vocab_size, temperature)  # [b, s-1]
         loss, m = loss_fn(lp, batch)
-        metrics.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in m.items()})
-        return loss, {}
+        w = float(batch.get("weight", 1.0 / n))
+        metrics.append((w, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in m.items()}))
+        return loss * (w * n), {}  # megatron-core divides by the number of micro-batches
 
     def step(data_iterator, model):
         batch = next(data_iterator)
@@ -81,12 +101,16 @@ def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab
         return model(tokens, pos, None), partial(loss_func, batch)
 
     b, s = micro_batches[0]["tokens"].shape
-    get_forward_backward_func()(
-        forward_step_func=step, data_iterator=it, model=[ddp], num_microbatches=len(micro_batches),
-        seq_length=s, micro_batch_size=b, forward_only=False,
-    )
+    with variable_shapes(ddp, [m["tokens"] for m in micro_batches]):
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=it, model=[ddp], num_microbatches=n,
+            seq_length=s, micro_batch_size=b, forward_only=False,
+        )
     ok, grad_norm, _ = optimizer.step()
-    out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]} if metrics else {}
+    out = {}
+    if metrics:
+        total = sum(w for w, _ in metrics)
+        out = {k: sum(w * m[k] for w, m in metrics if k in m) / total for k in metrics[0][1]}
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     out["update_ok"] = bool(ok)
     return out
