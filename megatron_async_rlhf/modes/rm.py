@@ -68,6 +68,42 @@ def _last_stage_totals(values: list[float] | None, n: int) -> list[float]:
     return t.tolist()
 
 
+def bradley_terry_step(ddp, opt, pairs: list, micro_batch: int) -> dict:
+    """One optimizer step of the scalar-head model on this data-parallel replica's pairs (``TokenizedPair``s):
+    mean Bradley-Terry loss over the pairs, whatever the micro-batching. Returns loss and accuracy over all
+    replicas' pairs (every rank), and the grad norm. All learner ranks call it together."""
+    from megatron_async_rlhf.learner.step import NonFiniteLoss, micro_size
+    from megatron_async_rlhf.learner.value_head import last_token_values, right_padded, value_train_step
+
+    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]  # pair-major: chosen, rejected, chosen, ...
+    micro = micro_size(len(seqs), micro_batch, 2)
+    rows = -(-len(seqs) // micro) * micro
+    tokens, mask = right_padded(seqs, rows)  # [rows, S], one shape for every micro-batch
+    margin = torch.tensor([p.margin for p in pairs] + [0.0] * ((rows - len(seqs)) // 2))  # [rows/2]
+    valid = torch.arange(rows // 2) < len(pairs)  # [rows/2] padding pairs carry no loss
+    n_micro = rows // micro
+    batches = [{"tokens": tokens[i:i + micro], "mask": mask[i:i + micro], "margin": margin[i // 2:(i + micro) // 2],
+                "valid": valid[i // 2:(i + micro) // 2]} for i in range(0, rows, micro)]
+
+    def loss_fn(values, b):  # values [b, s]
+        v = last_token_values(values, b["mask"])  # [b]
+        ok = b["valid"]
+        k = int(ok.sum())
+        if not k:
+            return values.sum() * 0.0, {}
+        loss, m = bradley_terry_loss(v[0::2][ok], v[1::2][ok], b["margin"][ok])
+        # megatron-core averages the micro-batches' losses: weight each by its share of this replica's pairs
+        return loss * (k * n_micro / len(pairs)), {"loss_sum": loss.detach() * k, "correct": m["accuracy"] * k,
+                                                    "pairs": k}
+
+    out = value_train_step(ddp, opt, batches, loss_fn)
+    keys = ("loss_sum", "correct", "pairs")
+    loss_sum, correct, n = _last_stage_totals([out.get(k, 0.0) for k in keys], len(keys))
+    if not torch.isfinite(torch.tensor([loss_sum, out["grad_norm"]])).all():
+        raise NonFiniteLoss(f"non-finite reward-model loss/grad norm ({loss_sum}, {out['grad_norm']}); stopping")
+    return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": out["grad_norm"]}
+
+
 class RewardModelTraining:
     def __init__(self, cfg: RunConfig, ctx, model_path: str):
         from transformers import AutoTokenizer
@@ -98,39 +134,6 @@ class RewardModelTraining:
                 self.rng.shuffle(self._order)
             out.append(self.train_pairs[self._order.pop()])
         return out
-
-    def train_step(self, ddp, opt, pairs: list) -> dict:
-        """One Bradley-Terry step on this replica's pairs; metrics summed over all replicas."""
-        from megatron_async_rlhf.learner.step import NonFiniteLoss, micro_size
-        from megatron_async_rlhf.learner.value_head import last_token_values, right_padded, value_train_step
-
-        seqs = [s for p in pairs for s in (p.chosen, p.rejected)]  # pair-major: chosen, rejected, chosen, ...
-        micro = micro_size(len(seqs), self.cfg.rm.micro_batch, 2)
-        rows = -(-len(seqs) // micro) * micro
-        tokens, mask = right_padded(seqs, rows)  # [rows, S], one shape for every micro-batch
-        margin = torch.tensor([p.margin for p in pairs] + [0.0] * ((rows - len(seqs)) // 2))  # [rows/2]
-        valid = torch.arange(rows // 2) < len(pairs)  # [rows/2] padding pairs carry no loss
-        n_micro = rows // micro
-        batches = [{"tokens": tokens[i:i + micro], "mask": mask[i:i + micro], "margin": margin[i // 2:(i + micro) // 2],
-                    "valid": valid[i // 2:(i + micro) // 2]} for i in range(0, rows, micro)]
-
-        def loss_fn(values, b):  # values [b, s]
-            v = last_token_values(values, b["mask"])  # [b]
-            ok = b["valid"]
-            k = int(ok.sum())
-            if not k:
-                return values.sum() * 0.0, {}
-            loss, m = bradley_terry_loss(v[0::2][ok], v[1::2][ok], b["margin"][ok])
-            # megatron-core averages the micro-batches' losses: weight each by its share of this replica's pairs
-            return loss * (k * n_micro / len(pairs)), {"loss_sum": loss.detach() * k, "correct": m["accuracy"] * k,
-                                                        "pairs": k}
-
-        out = value_train_step(ddp, opt, batches, loss_fn)
-        keys = ("loss_sum", "correct", "pairs")
-        loss_sum, correct, n = _last_stage_totals([out.get(k, 0.0) for k in keys], len(keys))
-        if not torch.isfinite(torch.tensor([loss_sum, out["grad_norm"]])).all():
-            raise NonFiniteLoss(f"non-finite reward-model loss/grad norm ({loss_sum}, {out['grad_norm']}); stopping")
-        return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": out["grad_norm"]}
 
     def evaluate(self, model, step: int, dp: int, dp_rank: int) -> float:
         """Held-out pairwise accuracy (and loss), logged by the controller; every rank gets the accuracy."""
@@ -164,7 +167,7 @@ class RewardModelTraining:
             acc0 = self.evaluate(model, 0, dp, dp_rank)
             t0 = time.perf_counter()
             for step in range(1, rc.steps + 1):
-                m = self.train_step(ddp, opt, self._next_batch()[dp_rank::dp])
+                m = bradley_terry_step(ddp, opt, self._next_batch()[dp_rank::dp], rc.micro_batch)
                 if self.metrics:
                     self.metrics.log(step, "rm", **m)
                 if rc.eval_every and step % rc.eval_every == 0 and step < rc.steps:

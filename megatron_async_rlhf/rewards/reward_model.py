@@ -1,7 +1,9 @@
-"""Reward-model scorer: an HF sequence classifier (one logit) scoring prompt + completion text.
+"""Reward-model scorers: an HF sequence classifier (one logit) scoring prompt + completion, in transformers
+(:class:`RewardModelScorer`) or in a vLLM pooling engine (:class:`VLLMRewardModel`).
 
-Loaded with ``from_pretrained`` from a local directory, on the device of the pool it is placed on
-(``rewards.reward_model_pool``: the learner pool's controller by default).
+Both take text (``score``) or token ids (``score_ids``: e.g. a policy's prompt ids + sampled ids, or
+``data.preferences.pair_ids``, the ids ``mode=rm`` trained on). A reward model exported by ``mode=rm`` gives the same
+numbers in the learner, in transformers and in vLLM (tests/test_reward_model.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ class RewardModelScorer:
         self.batch_size, self.max_length = batch_size, max_length
 
     @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
+        """``[N]`` rewards of token-id sequences (right-padded per batch; the model reads each at its last non-pad
+        token, so no sequence may end with the pad id)."""
+        out = []
+        pad = self.model.config.pad_token_id
+        for i in range(0, len(seqs), self.batch_size):
+            chunk = seqs[i:i + self.batch_size]
+            ids = torch.full((len(chunk), max(len(s) for s in chunk)), pad, dtype=torch.long)
+            for j, s in enumerate(chunk):
+                ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask = (torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in chunk]).unsqueeze(1)).long()
+            out.append(self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits[:, 0]
+                       .float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         """``[N]`` scalar rewards."""
         out = []
@@ -35,3 +53,39 @@ class RewardModelScorer:
                            max_length=self.max_length).to(self.device)
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)
+
+
+class VLLMRewardModel:
+    """A vLLM pooling engine (``runner="pooling"``) serving an HF sequence classifier with one label; scores are the
+    raw logits (``use_activation=False``; vLLM's ``classify`` would return their sigmoid), the same numbers as
+    transformers. On CPU it runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) like the rollout engines."""
+
+    def __init__(self, path: str, dtype: str = "float32", max_model_len: int | None = None,
+                 kv_cache_gib: float = 0.25, **llm_kwargs):
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if not torch.cuda.is_available() else "1")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        labels = AutoConfig.from_pretrained(path).num_labels
+        if labels != 1:
+            raise ValueError(f"reward model {path} has num_labels={labels}; a reward model has one output "
+                             "(num_labels=1)")
+        kw = dict(model=path, runner="pooling", dtype=dtype, enforce_eager=True, **llm_kwargs)
+        if max_model_len:
+            kw["max_model_len"] = max_model_len
+        if not torch.cuda.is_available():
+            kw.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * 2**30))
+        self.llm = LLM(**kw)
+
+    def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
+        from vllm import PoolingParams
+
+        outs = self.llm.classify([{"prompt_token_ids": list(s)} for s in seqs], use_tqdm=False,
+                                 pooling_params=PoolingParams(use_activation=False))
+        return torch.tensor([o.outputs.probs[0] for o in outs], dtype=torch.float32)
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        tok = self.llm.get_tokenizer()
+        return self.score_ids([tok(p + c)["input_ids"] for p, c in zip(prompts, completions)])
