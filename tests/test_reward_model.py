@@ -372,15 +372,13 @@ def test_mode_rm_learns_a_preference_and_exports(tmp_path):
     assert [e["step"] for e in evals] == [0, 15, 30] and all(e["n"] == 64 for e in evals)
     assert "[rank 1]" in r.stderr and "[rank 2]" not in r.stderr  # the 2 learner ranks only: no rollout engine
 
-    from transformers import AutoTokenizer
-
-    from megatron_async_rlhf.data.preferences import PreferencePair, tokenize_pairs
     from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
 
-    rm_dir = str(out / "reward_model" / "final")
-    tok = AutoTokenizer.from_pretrained(rm_dir)
-    test = [PreferencePair(x["prompt"], x["chosen"], x["rejected"]) for x in marker_preferences(64, seed=1)]
-    ids = tokenize_pairs(tok, test, 64)
-    scores = RewardModelScorer(rm_dir).score_ids([s for p in ids for s in (p.chosen, p.rejected)])
-    hf_acc = (scores[0::2] > scores[1::2]).float().mean().item()
+    # the export scores text the way it was trained (its config.json records the input format), in transformers
+    rm = RewardModelScorer(str(out / "reward_model" / "final"))
+    assert rm.input_format == {"use_chat_template": False, "template": ""}
+    test = marker_preferences(64, seed=1)
+    chosen = rm.score([x["prompt"] for x in test], [x["chosen"] for x in test])
+    rejected = rm.score([x["prompt"] for x in test], [x["rejected"] for x in test])
+    hf_acc = (chosen > rejected).float().mean().item()
     assert abs(hf_acc - float(fields["rm_accuracy"])) < 1e-9  # the export ranks the held-out pairs as the learner did

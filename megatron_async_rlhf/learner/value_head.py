@@ -78,12 +78,20 @@ def value_model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None
     return cfg, model, info
 
 
-def classifier_config(hf_config: dict, pad_token_id: int) -> dict:
+# config.json key of a reward model's input format (how prompt + response became token ids in training), read back
+# by the scorers in rewards/reward_model.py; transformers and vLLM ignore it
+INPUT_FORMAT_KEY = "mrlhf_input_format"
+
+
+def classifier_config(hf_config: dict, pad_token_id: int, input_format: dict | None = None) -> dict:
     """The HF ``config.json`` of the scalar-head model built from ``hf_config``: a ``LlamaForSequenceClassification``
-    with one label and a pad token (transformers reads each row's value at its last non-pad token)."""
+    with one label and a pad token (transformers reads each row's value at its last non-pad token); ``input_format``
+    (``data.preferences.pair_ids``'s keyword arguments) is stored under :data:`INPUT_FORMAT_KEY`."""
     out = dict(hf_config)
     out.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                pad_token_id=int(pad_token_id))
+    if input_format is not None:
+        out[INPUT_FORMAT_KEY] = dict(input_format)
     out.pop("num_labels", None)  # implied by id2label
     return out
 

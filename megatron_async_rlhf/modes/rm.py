@@ -185,7 +185,8 @@ class RewardModelTraining:
                 "export": out, "metrics": self.metrics.path}
 
     def export(self, model, info, mcfg, name: str) -> str:
-        """HF LlamaForSequenceClassification (num_labels=1, pad token set) + tokenizer, written atomically."""
+        """HF LlamaForSequenceClassification (num_labels=1, pad token set, the input format in config.json) +
+        tokenizer, written atomically."""
         from megatron.core import parallel_state as ps
 
         from megatron_async_rlhf.learner.value_head import classifier_config
@@ -195,7 +196,8 @@ class RewardModelTraining:
         out = os.path.join(self.cfg.logging.out_dir, "reward_model", name)
         sd = full_hf_state_dict(model, info, mcfg) if ps.get_data_parallel_rank() == 0 else None
         if sd is not None and self.ctx.is_controller:
-            save_hf(out, sd, classifier_config(mcfg.raw, self.pad_id), copy_from=self.model_path)
+            fmt = {"use_chat_template": self.cfg.data.use_chat_template, "template": self.cfg.data.prompt_template}
+            save_hf(out, sd, classifier_config(mcfg.raw, self.pad_id, fmt), copy_from=self.model_path)
             log.info("exported reward model to %s", out)
         dist.barrier()
         return out

@@ -1,9 +1,11 @@
 """Reward-model scorers: an HF sequence classifier (one logit) scoring prompt + completion, in transformers
 (:class:`RewardModelScorer`) or in a vLLM pooling engine (:class:`VLLMRewardModel`).
 
-Both take text (``score``) or token ids (``score_ids``: e.g. a policy's prompt ids + sampled ids, or
-``data.preferences.pair_ids``, the ids ``mode=rm`` trained on). A reward model exported by ``mode=rm`` gives the same
-numbers in the learner, in transformers and in vLLM (tests/test_reward_model.py).
+Both take text (``score(prompts, completions)``) or token ids (``score_ids``: e.g. a policy's prompt ids + sampled
+ids). A reward model exported by ``mode=rm`` records in its config.json how its training pairs became ids (chat
+template or not, prompt template); ``score`` builds the ids the same way (``data.preferences.pair_ids``; prompts are
+raw prompt strings or message lists), other classifiers get ``prompt + completion`` through their tokenizer. Such a
+model gives the same numbers in the learner, in transformers and in vLLM (tests/test_reward_model.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class RewardModelScorer:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.batch_size, self.max_length = batch_size, max_length
+        self.input_format = _input_format(self.model.config.to_dict())
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> torch.Tensor:
@@ -44,8 +47,10 @@ class RewardModelScorer:
         return torch.cat(out)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def score(self, prompts: list, completions: list[str]) -> torch.Tensor:
         """``[N]`` scalar rewards."""
+        if self.input_format is not None:
+            return self.score_ids(_format_ids(self.tok, self.input_format, prompts, completions))
         out = []
         texts = [p + c for p, c in zip(prompts, completions)]
         for i in range(0, len(texts), self.batch_size):
@@ -68,7 +73,9 @@ class VLLMRewardModel:
         from transformers import AutoConfig
         from vllm import LLM
 
-        labels = AutoConfig.from_pretrained(path).num_labels
+        hf_cfg = AutoConfig.from_pretrained(path)
+        self.input_format = _input_format(hf_cfg.to_dict())
+        labels = hf_cfg.num_labels
         if labels != 1:
             raise ValueError(f"reward model {path} has num_labels={labels}; a reward model has one output "
                              "(num_labels=1)")
@@ -86,6 +93,20 @@ class VLLMRewardModel:
                                  pooling_params=PoolingParams(use_activation=False))
         return torch.tensor([o.outputs.probs[0] for o in outs], dtype=torch.float32)
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def score(self, prompts: list, completions: list[str]) -> torch.Tensor:
         tok = self.llm.get_tokenizer()
+        if self.input_format is not None:
+            return self.score_ids(_format_ids(tok, self.input_format, prompts, completions))
         return self.score_ids([tok(p + c)["input_ids"] for p, c in zip(prompts, completions)])
+
+
+def _input_format(config: dict) -> dict | None:
+    from megatron_async_rlhf.learner.value_head import INPUT_FORMAT_KEY
+
+    return config.get(INPUT_FORMAT_KEY)
+
+
+def _format_ids(tok, fmt: dict, prompts: list, completions: list[str]) -> list[list[int]]:
+    from megatron_async_rlhf.data.preferences import pair_ids
+
+    return [pair_ids(tok, p, c, **fmt) for p, c in zip(prompts, completions)]
