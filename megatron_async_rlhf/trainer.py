@@ -80,13 +80,15 @@ class Trainer:
     def evaluate(self, client, step: int) -> dict | None:
         """Greedy pass@1 on the held-out prompts (controller only), logged and written row by row."""
         from megatron_async_rlhf.evaluation import Evaluator
+        from megatron_async_rlhf.rewards.judges import get_judge
 
         if not self.ctx.is_controller:
             return None
         if self._evaluator is None:
             self._evaluator = Evaluator(self.eval_ids, self.eval_rows,
                                         lambda samples, rows: self.rewards(samples, rows, penalties=False), self.tok,
-                                        self.cfg.logging.out_dir, self.cfg.eval_max_new_tokens, self.stops)
+                                        self.cfg.logging.out_dir, self.cfg.eval_max_new_tokens, self.stops,
+                                        judge=get_judge(self.cfg.eval.judge) if self.cfg.eval.judge else None)
         out = self._evaluator.run(client, step)
         self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
         return out

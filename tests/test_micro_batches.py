@@ -80,7 +80,8 @@ def _split_job(hf_dir: str, tp: int, pp: int, name: str, splits: list[dict]):
 def test_any_split_gives_the_loss_and_gradient_of_one_padded_batch(pool, tiny_models, name, tp, pp):
     splits = [{}, {"max_tokens": 48}, {"micro_batch": 6}]  # one padded batch; a token budget; 6 + 6 + 4 rows
     per_rank = pool.run(_split_job, tiny_models["tiny-gqa"], tp, pp, name, splits)
-    whole, budget, rows = per_rank[-1]  # the last rank is on the last pipeline stage: it has the loss
+    whole, budget, rows = per_rank[-1]  # the last rank is on the last pipeline stage, where the loss is computed
+    assert per_rank[0][0]["loss"] == whole["loss"]  # and rank 0 (the controller, which logs) gets the same metrics
     assert whole["micro_batches"] == 1 and budget["micro_batches"] > 2 and rows["micro_batches"] == 3
     assert budget["pad_fraction"] < whole["pad_fraction"]
     print(f"{name} tp{tp} pp{pp}: pad_fraction whole {whole['pad_fraction']:.3f}, budget {budget['pad_fraction']:.3f} "

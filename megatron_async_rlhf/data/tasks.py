@@ -54,17 +54,17 @@ def load_split(path: str, split: str, name: str | None = None):
 def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: str | None = None,
                  limit: int | None = None) -> list[Row]:
     """Rows from ``datasets.load_dataset`` (see ``load_split``). A GSM8k-style answer ("...#### 72") keeps only the
-    final answer as gold."""
+    final answer as gold. ``answer_key=""``: prompts only (a reward model or judge scores the completions)."""
     from megatron_async_rlhf.rewards.math import extract_final_answer
 
     ds = load_split(path, split, name)
-    for key in (prompt_key, answer_key):
+    for key in (prompt_key, answer_key) if answer_key else (prompt_key,):
         if key not in ds.column_names:
             raise ConfigError(f"data: column {key!r} not in {path} (columns: {ds.column_names}); set data.prompt_key "
                               "/ data.answer_key")
     rows = []
     for ex in ds.select(range(min(limit, len(ds)))) if limit else ds:
-        ans = str(ex[answer_key])
+        ans = str(ex[answer_key]) if answer_key else ""
         rows.append(Row(str(ex[prompt_key]), extract_final_answer(ans) if "####" in ans else ans.strip()))
     return rows
 
@@ -123,6 +123,17 @@ def synthetic_gsm8k_dir(d, run_dir: str) -> str:
     return out
 
 
+def synthetic_chat_dir(d, run_dir: str) -> str:
+    """The local dataset directory (``train.jsonl``, ``test.jsonl`` of ``{"prompt"}`` rows) for ``data.source=
+    synthetic_chat`` (``data/chat_prompts.py``), written once (atomically) under the run directory."""
+    from megatron_async_rlhf.data.chat_prompts import write_chat_jsonl
+
+    out = os.path.join(run_dir, "data", f"synthetic_chat-v1-seed{d.seed}-test{d.eval_size}")
+    if not all(os.path.exists(os.path.join(out, f"{s}.jsonl")) for s in ("train", "test")):
+        write_chat_jsonl(out, d.eval_size, seed=d.seed)
+    return out
+
+
 def load_rows(d, run_dir: str) -> tuple[list[Row], list[Row]]:
     """(train rows, held-out rows) of a ``DataConfig``."""
     if d.source == "arithmetic":
@@ -130,6 +141,10 @@ def load_rows(d, run_dir: str) -> tuple[list[Row], list[Row]]:
         return rows[: d.train_size], rows[d.train_size:]
     if d.source == "synthetic_gsm8k":
         path, split, eval_split = synthetic_gsm8k_dir(d, run_dir), "train", "test"
+    elif d.source == "synthetic_chat":  # its own schema: prompts only
+        path = synthetic_chat_dir(d, run_dir)
+        return (dataset_rows(path, "train", "prompt", "", None, d.train_size),
+                dataset_rows(path, "test", "prompt", "", None, d.eval_size))
     else:
         path, split, eval_split = d.source, d.split, d.eval_split
     return (dataset_rows(path, split, d.prompt_key, d.answer_key, d.name, d.train_size),

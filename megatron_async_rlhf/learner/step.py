@@ -20,7 +20,7 @@ import torch
 from megatron_async_rlhf import algorithms as A
 from megatron_async_rlhf.config import AlgorithmConfig
 from megatron_async_rlhf.learner.forward import forward_collect, pad_batch
-from megatron_async_rlhf.learner.train import train_step
+from megatron_async_rlhf.learner.train import from_last_stage, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -160,6 +160,8 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
             adv = torch.zeros(len(order))
         for m in mbs:
             m["adv"] = adv[m["rows"]]
+        # KL(sampler || reference) per sequence, estimated on the sampled tokens: how far the policy has moved
+        metrics["kl_ref"] = sum(float(((m["sampler"] - m["ref"]) * m["mask"]).sum()) for m in mbs) / len(order)
     units = {"online_dpo": lambda m: len(m["rows"]) / 2, "rloo": lambda m: len(m["rows"]),
              "ppo": lambda m: float(m["mask"].sum())}[ac.name]
     _weigh(mbs, [units(m) for m in mbs])
@@ -176,6 +178,7 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
         return loss, {**mm, "loss": loss.detach()}
 
     out = train_step(ddp, opt, mbs, loss_fn, vocab_size, ac.temperature)
+    metrics = from_last_stage(metrics)
     if "loss" in out and not math.isfinite(out["loss"]) or not math.isfinite(out.get("grad_norm", 0.0)):
         raise NonFiniteLoss(f"non-finite loss/grad norm at this step ({out}); stopping. The last exported policy on "
                             "disk is the last good state.")

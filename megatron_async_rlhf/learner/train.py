@@ -54,6 +54,19 @@ def wrap_for_training(model, oc: OptimConfig):
     return ddp, get_megatron_optimizer(ocfg, [ddp])
 
 
+def from_last_stage(obj):
+    """``obj`` as the last pipeline stage holds it, on every stage (the controller, a first-stage rank, logs it)."""
+    from megatron.core import parallel_state as ps
+    import torch.distributed as dist
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
 @contextlib.contextmanager
 def variable_shapes(model, micro_batches: list[torch.Tensor]):
     """Micro-batches of different shapes through a pipeline: megatron-core's p2p sends each activation's shape
@@ -77,7 +90,7 @@ def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab
     may differ between micro-batches. The step minimises ``sum_i weight_i * loss_i`` over the micro-batches, with
     ``weight`` from the dict (its share of the batch's loss units; default: equal shares), so a loss that is a mean
     within its micro-batch becomes the mean over the batch. Returns the metrics on the last stage, weighted the same
-    way ({} elsewhere), plus grad norm."""
+    way, plus grad norm, on every rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     ddp.train()
@@ -111,6 +124,7 @@ def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab
     if metrics:
         total = sum(w for w, _ in metrics)
         out = {k: sum(w * m[k] for w, m in metrics if k in m) / total for k in metrics[0][1]}
+    out = from_last_stage(out)
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     out["update_ok"] = bool(ok)
     return out
