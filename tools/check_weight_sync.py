@@ -2,9 +2,12 @@
 """Learner -> vLLM weight sync, end to end: log-prob parity before and after an optimizer step.
 
     python tools/check_weight_sync.py --hf DIR --learner-tp 2 --learner-pp 2 [--rollout-engines 1]
+        [--rollout-tp 2] [--multiprocess]
 
 Starts a learner pool (Megatron, TP x PP, fp32) and a rollout pool (vLLM engines) as one local launch (or use
-torchrun --nproc_per_node=TP*PP+E). Loads DIR into the learner, syncs, samples, recomputes the sampled tokens'
+torchrun --nproc_per_node=TP*PP+E*ROLLOUT_TP). ``--rollout-tp``: vLLM tensor parallel per engine (its leader rank runs
+vLLM, which starts one worker process per TP rank; the engine's other ranks stay idle). ``--multiprocess``: vLLM's
+multi-process mode (the GPU default; weights reach its workers through shared memory). Loads DIR into the learner, syncs, samples, recomputes the sampled tokens'
 log-probs on the learner and compares with vLLM's; takes one optimizer step on a dummy loss, syncs again and compares
 again.
 
@@ -33,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learner-tp", type=int, default=1)
     ap.add_argument("--learner-pp", type=int, default=1)
     ap.add_argument("--rollout-engines", type=int, default=1)
+    ap.add_argument("--rollout-tp", type=int, default=1)
+    ap.add_argument("--multiprocess", action="store_true", help="vLLM multi-process engines (rollout.engine_multiprocess)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--bucket-mb", type=float, default=64.0)
@@ -43,7 +48,8 @@ def main(argv=None) -> int:
 
     check_hf_model(args.hf, args.learner_tp, args.learner_pp)
     cluster = dict(learner_tp=args.learner_tp, learner_pp=args.learner_pp, rollout_engines=args.rollout_engines,
-                   bucket_mb=args.bucket_mb, timeout_s=args.timeout_s)
+                   rollout_tp=args.rollout_tp, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s)
+    rollout = {"engine_multiprocess": True} if args.multiprocess else {}
     import torch
 
     world = ClusterConfig(**cluster).validate(cuda=torch.cuda.is_available()).world
@@ -51,7 +57,7 @@ def main(argv=None) -> int:
     from megatron_async_rlhf.weight_sync_check import check_job, evaluate, logprob_bound
 
     results = run_distributed(world, check_job, "check", cluster, args.hf, args.prompts, args.max_new_tokens,
-                              seed=args.seed, default_group=False, timeout_s=args.timeout_s * 4)
+                              seed=args.seed, rollout=rollout, default_group=False, timeout_s=args.timeout_s * 4)
     report = results[0]
     if report is None:  # under torchrun, ranks other than the controller
         return 0

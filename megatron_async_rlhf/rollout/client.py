@@ -103,7 +103,7 @@ class RolloutClient:
             stats = {"sync_seconds": secs, "sync_bytes": nbytes, "sync_gbps": nbytes / secs / 1e9,
                      "engine_load_s": max(a["load_s"] for a in acks), "tensors": acks[0]["tensors"],
                      "engine_peak_extra_bytes": max(a["peak_extra_bytes"] for a in acks),
-                     "max_bucket_bytes": max(a["max_bucket_bytes"] for a in acks)}
+                     "max_bucket_bytes": max(a["max_bucket_bytes"] for a in acks), "buckets": acks[0]["buckets"]}
             log.info("weight sync v%d: %.3f s, %.2f MB to %d engine(s), %.3f GB/s effective (engine load %.3f s, peak "
                      "extra engine memory %.1f MB)", version, secs, nbytes / 1e6, self.engines, stats["sync_gbps"],
                      stats["engine_load_s"], stats["engine_peak_extra_bytes"] / 1e6)

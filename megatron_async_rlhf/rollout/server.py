@@ -6,6 +6,7 @@ Weights change only between commands, so a generation call never mixes two weigh
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -80,6 +81,7 @@ def serve(ctx: ClusterContext, settings: EngineSettings) -> dict:
             if keep is not None:
                 engine.kept = keep
             stats["syncs"] += 1
+            stats["pid"], stats["worker_pids"] = os.getpid(), load["worker_pids"]
             ch.send_obj({"version": engine.version, **load}, 0, "acknowledging a weight sync")
         elif cmd == "raw_broadcast":  # benchmark: the same bytes as one plain broadcast, into memory made beforehand
             buf = torch.zeros(msg["bytes"], dtype=torch.uint8)

@@ -135,6 +135,7 @@ def load_stream(llm, buckets: Iterator[tuple[Header, torch.Tensor]], shared: boo
     workers = llm.collective_rpc("finish_weight_stream")
     stats["seconds"] = time.perf_counter() - t0
     stats["tensors"] = workers[0]["tensors"]
+    stats["worker_pids"] = [w["pid"] for w in workers]
     extra = {os.getpid(): peak_rss() - rss0}
     for w in workers:
         if w["pid"] != os.getpid():

@@ -27,6 +27,12 @@ class WeightReceiver:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
+        if not getattr(self, "_mrlhf_quiet", False):  # rotary embeddings have no weights to reload: not news
+            import logging
+
+            logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+                lambda r: "RotaryEmbedding: Failed to load weights" not in r.getMessage())
+            self._mrlhf_quiet = True
         self._mrlhf_rss0 = ws.reset_peak_rss()
         self._mrlhf_tied = bool(getattr(self.model_config.hf_config, "tie_word_embeddings", False))
         self._mrlhf_loaded = 0
