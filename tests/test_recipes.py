@@ -60,6 +60,20 @@ def test_smollm2_math_recipe_loads():
     assert cfg.algorithm.max_staleness == 1
 
 
+def test_smollm2_chat_recipe_loads():
+    cfg = load_config(["recipe=smollm2_chat"], cuda=False)
+    assert cfg.data.source == "synthetic_chat" and cfg.data.use_chat_template and cfg.eval.judge == "vader"
+    assert cfg.reward.kind == "reward_model" and cfg.algorithm.samples_per_prompt == 2
+    assert cfg.algorithm.name == "online_dpo" and cfg.algorithm.max_staleness == 1
+
+
+def test_prompt_only_data_needs_a_text_reward():
+    with pytest.raises(ConfigError, match="synthetic_chat has prompts only"):
+        load_config(["data.source=synthetic_chat"], cuda=False)
+    with pytest.raises(ConfigError, match="data.answer_key is empty"):
+        load_config(["data.answer_key="], cuda=False)
+
+
 @pytest.mark.parametrize("override,message", [
     ("data.source=/no/such/file.jsonl", "data file /no/such/file.jsonl does not exist"),
     ("data.source=./no_such_dir", "does not exist"),
