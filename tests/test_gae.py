@@ -1,0 +1,57 @@
+"""PPO-with-critic pieces (algorithms/gae.py) against numbers worked out by hand."""
+
+import pytest
+import torch
+
+from megatron_async_rlhf.algorithms.gae import gae, token_rewards, value_loss, whiten
+
+
+def test_token_rewards_put_the_score_on_the_last_token_and_the_kl_on_every_token():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    r = token_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    # row 0: -0.1 * (0.5, -1, 0) and +2 on token 2; row 1: -0.1 * 1 - 1 on token 0
+    torch.testing.assert_close(r, torch.tensor([[-0.05, 0.1, 2.0], [-1.1, 0.0, 0.0]]))
+
+
+def test_gae_by_hand():
+    # one row of 3 tokens, gamma 1, lam 0.5; rewards (0, 0, 1), values (0.5, 0.2, 0.4), V after the end = 0
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.2, 0.4]])
+    m = torch.ones(1, 3)
+    adv, ret = gae(r, v, m, gamma=1.0, lam=0.5)
+    # deltas: d2 = 1 - 0.4 = 0.6; d1 = 0 + 0.4 - 0.2 = 0.2; d0 = 0 + 0.2 - 0.5 = -0.3
+    # A2 = 0.6; A1 = 0.2 + 0.5 * 0.6 = 0.5; A0 = -0.3 + 0.5 * 0.5 = -0.05
+    torch.testing.assert_close(adv, torch.tensor([[-0.05, 0.5, 0.6]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.45, 0.7, 1.0]]))
+
+
+def test_gae_lambda_one_gamma_one_is_reward_to_go_minus_value_and_ignores_padding():
+    r = torch.tensor([[0.1, 0.2, 0.3, 9.0], [1.0, 9.0, 9.0, 9.0]])
+    v = torch.tensor([[0.3, 0.1, 0.2, 9.0], [0.4, 9.0, 9.0, 9.0]])
+    m = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(ret, torch.tensor([[0.6, 0.5, 0.3, 0.0], [1.0, 0, 0, 0]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.3, 0.4, 0.1, 0.0], [0.6, 0, 0, 0]]))
+
+
+def test_whiten_over_masked_entries():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(whiten(x, m), torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_clipped_value_loss_by_hand():
+    values = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.5, 0.1]])
+    ret = torch.tensor([[0.0, 1.0]])
+    m = torch.ones(1, 2)
+    loss, mm = value_loss(values, old, ret, m, clip=0.2)
+    # token 0: unclipped (1-0)^2 = 1, clipped V = 0.7 -> 0.49; max 1. token 1: (0-1)^2 = 1, clipped 0 -> 1; max 1
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+    assert mm["value_clip_fraction"].item() == pytest.approx(0.5)
+    # gradient flows only through the branch that is the max: token 0 unclipped d/dV 0.5*(V-R)^2/2 = (1-0)/2
+    v = values.clone().requires_grad_(True)
+    value_loss(v, old, ret, m, clip=0.2)[0].backward()
+    torch.testing.assert_close(v.grad, torch.tensor([[0.5, -0.5]]))
