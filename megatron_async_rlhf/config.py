@@ -406,6 +406,8 @@ class RunConfig:
                               "data.answer_key, or use reward.kind=reward_model / judge")
         if self.reward.kind == "math" and self.data.source == "synthetic_chat":
             raise ConfigError("data.source=synthetic_chat has prompts only: use reward.kind=reward_model or judge")
+        if self.mode == "rm":  # no engine: the context checks below are about generation
+            return self
         need = self.data.max_prompt_len + self.algorithm.max_new_tokens
         if need > self.rollout.max_model_len:
             raise ConfigError(f"data.max_prompt_len ({self.data.max_prompt_len}) + algorithm.max_new_tokens "
