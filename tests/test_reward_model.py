@@ -298,6 +298,18 @@ def test_bad_preference_data_fails_before_any_process(tmp_path, capsys, bad, mes
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_mode_rm_needs_preference_data_and_a_context_that_exists(tmp_path, capsys):
+    from megatron_async_rlhf.data.preferences import marker_preferences
+    from megatron_async_rlhf.train import main
+
+    assert main(["mode=rm", f"logging.out_dir={tmp_path}/out"]) == 2  # the default source holds prompts, not pairs
+    assert "mode=rm trains on preference pairs, but data.source='arithmetic'" in capsys.readouterr().err
+    _write_jsonl(tmp_path / "train.jsonl", marker_preferences(8))
+    _write_jsonl(tmp_path / "test.jsonl", marker_preferences(4, seed=1))
+    assert main(["mode=rm", f"data.source={tmp_path}", f"logging.out_dir={tmp_path}/out", "rm.max_len=100000"]) == 2
+    assert "rm.max_len=100000 exceeds the model's max_position_embeddings=256" in capsys.readouterr().err
+
+
 def test_classifier_with_several_labels_is_rejected(tmp_path, tiny_models, capsys):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 

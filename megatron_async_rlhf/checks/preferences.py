@@ -18,6 +18,10 @@ def load_tokenized_pairs(cfg, tok, max_positions: int, vocab_size: int | None = 
     from megatron_async_rlhf.data.preferences import load_pairs, rm_pad_token_id, tokenize_pairs
 
     d = cfg.data
+    if d.source in ("arithmetic", "synthetic_gsm8k"):
+        raise ConfigError(f"mode=rm trains on preference pairs, but data.source={d.source!r} is a built-in prompt "
+                          "source. Fix: set data.source to a preference dataset (prompt / chosen / rejected; README, "
+                          "'Reward models')")
     max_len = rm_max_len(cfg, max_positions)
     out = []
     for split, limit in ((d.split, d.train_size), (d.eval_split, d.eval_size)):
