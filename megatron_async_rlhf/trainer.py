@@ -80,7 +80,6 @@ class Trainer:
     def evaluate(self, client, step: int) -> dict | None:
         """Greedy pass@1 on the held-out prompts (controller only), logged and written row by row."""
         from megatron_async_rlhf.evaluation import Evaluator
-        from megatron_async_rlhf.rewards.judges import get_judge
 
         if not self.ctx.is_controller:
             return None
@@ -88,10 +87,25 @@ class Trainer:
             self._evaluator = Evaluator(self.eval_ids, self.eval_rows,
                                         lambda samples, rows: self.rewards(samples, rows, penalties=False), self.tok,
                                         self.cfg.logging.out_dir, self.cfg.eval_max_new_tokens, self.stops,
-                                        judge=get_judge(self.cfg.eval.judge) if self.cfg.eval.judge else None)
+                                        judge=self._eval_judge(), against_answers=self.cfg.eval.win_rate_against
+                                        == "answers")
         out = self._evaluator.run(client, step)
         self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
         return out
+
+    def _eval_judge(self):
+        """eval.judge: a registry judge, the run's reward model (``reward_model``), or a reward model directory."""
+        from megatron_async_rlhf.rewards.judges import get_judge
+
+        name = self.cfg.eval.judge
+        if not name:
+            return None
+        if name == "reward_model" or "/" in name:
+            from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
+
+            rm = RewardModelScorer(self.cfg.reward.reward_model_path if name == "reward_model" else name)
+            return lambda prompts, completions: rm.score(prompts, completions).tolist()
+        return get_judge(name)
 
     def run(self) -> dict | None:
         from megatron_async_rlhf.learner.jobs import model_from_hf
@@ -123,15 +137,18 @@ class Trainer:
             client.sync_weights(model, info, mcfg, 0)
             acc0 = self.evaluate(client, 0)
             k = ac.samples_per_prompt
+            from megatron_async_rlhf.learner.critic import build_critic  # PPO's value model; None without one
 
-            def prompts_for(i):
-                idx = [self.rng.randrange(len(self.train_rows)) for _ in range(ac.prompts_per_step)]
+            critic = build_critic(cfg, mcfg, model) if ac.critic else None
+
+            def prompts_for(i):  # round i: off_policy_n mini-batches' prompts
+                idx = [self.rng.randrange(len(self.train_rows)) for _ in range(ac.prompts_per_step * ac.off_policy_n)]
                 return [self.train_ids[j] for j in idx], [self.train_rows[j] for j in idx]
 
             def train(batch):
                 rewards = self._shared_rewards(batch.samples, batch.meta)
                 return rl_step(batch, rewards, ac, ddp, opt, ref, mcfg.vocab_size,
-                               cfg.learner.max_tokens_per_micro_batch)
+                               cfg.learner.max_tokens_per_micro_batch, critic=critic)
 
             def on_step(batch, m):
                 if self.metrics:
@@ -152,7 +169,7 @@ class Trainer:
                                         n=k, stop_token_ids=self.stops)
             sched = Schedule(client, ac.max_staleness, ac.steps, prompts_for, sampling,
                              sync=lambda v: client.sync_weights(model, info, mcfg, v),
-                             always_sync=ac.sync_every_step, after_sync=eval_due)
+                             always_sync=ac.sync_every_step, after_sync=eval_due, off_policy_n=ac.off_policy_n)
             t_rl = time.perf_counter()
             stats = sched.run(train, on_step)
             rl_seconds = time.perf_counter() - t_rl

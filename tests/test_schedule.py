@@ -72,3 +72,63 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_export(tmp_path):
 
     last = load_file(tmp_path / "policy" / exported[-1] / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in last.values())
+
+
+# ----- exact N-step off-policyness (algorithm.off_policy_n), in process: a fake engine pool, no processes ----------
+class _Sample:
+    def __init__(self, prompt_index, version):
+        self.prompt_index, self.version = prompt_index, version
+
+
+class _Engines:
+    """Returns k samples per prompt stamped with the version the engines hold; ``lag`` > 0 makes them older."""
+
+    class ctx:
+        is_controller = True
+
+    def __init__(self, k=2, lag=0):
+        self.k, self.lag, self.version, self.pending = k, lag, 0, None
+
+    def submit_generate(self, prompts, sampling, *rows):
+        self.pending = [_Sample(p, max(0, self.version - self.lag)) for p in range(len(prompts)) for _ in range(self.k)]
+
+    def collect(self):
+        out, self.pending = self.pending, None
+        return out
+
+
+def _run_schedule(monkeypatch, max_staleness, m, steps=8, per=3, lag=0):
+    from megatron_async_rlhf import schedule as S
+
+    monkeypatch.setattr(S.dist, "broadcast_object_list", lambda box, src: None)  # one "rank": nothing to send
+    eng = _Engines(lag=lag)
+
+    def sync(v):
+        eng.version = v
+        return {}
+
+    sched = S.Schedule(eng, max_staleness, steps, lambda r: ([[r]] * (per * m), list(range(per * m))), None, sync,
+                       off_policy_n=m)
+    seen = []
+    sched.run(lambda b: {"prompts": sorted({s.prompt_index for s in b.samples})},
+              lambda b, met: seen.append((b.index, met["version"], met["off_policy_updates"], met["prompts"])))
+    return sched, seen
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_minibatch_j_is_exactly_j_updates_old_plus_the_async_lag(monkeypatch, max_staleness, m):
+    sched, seen = _run_schedule(monkeypatch, max_staleness, m)
+    assert [s[0] for s in seen] == list(range(8)) and [s[1] for s in seen] == list(range(1, 9))  # step axis = updates
+    expected = [j + (m * max_staleness if step >= m else 0) for step in range(8) for j in [step % m]]
+    assert [s[2] for s in seen] == expected == sched.stats.off_policy_updates
+    # each mini-batch holds its own prompts of the round: disjoint, in order, all of them
+    assert [s[3] for s in seen] == [list(range((i % m) * 3, (i % m) * 3 + 3)) for i in range(8)]
+    assert sched.stats.generated == 8 // m and sched.stats.trained == 8
+
+
+def test_a_round_older_than_allowed_is_refused(monkeypatch):
+    from megatron_async_rlhf.schedule import StalenessError
+
+    with pytest.raises(StalenessError, match="max_staleness"):
+        _run_schedule(monkeypatch, 0, 2, lag=2)  # samples 2 updates older than the engines' weights

@@ -11,9 +11,10 @@ import torch
 def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
                   kl_coef: float) -> torch.Tensor:
     """``[N, T]``: ``-kl_coef * (logp - ref_logp)`` at every completion token (the per-token KL penalty, estimated on
-    the sampled token) plus the sequence score ``scores [N]`` at the completion's last token."""
+    the sampled token) plus the sequence score ``scores [N]`` at the completion's last token (its last masked
+    position: rows may also start after prompt positions, as in the learner's ``[b, s-1]`` layout)."""
     r = -kl_coef * (logp - ref_logp).detach() * mask
-    last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # [N]
+    last = ((mask > 0).long() * torch.arange(mask.shape[1])).max(dim=1).values  # [N]
     has = mask.sum(dim=1) > 0
     r[has, last[has]] += scores[has].to(r.dtype)
     return r

@@ -20,14 +20,15 @@ def ppo_clip_loss(
     logp: torch.Tensor,  # [N, T] current policy
     old_logp: torch.Tensor | None,  # [N, T] learner log-probs when the batch arrived (None: = logp, detached)
     sampler_logp: torch.Tensor,  # [N, T] the sampler's log-probs of the same tokens
-    advantages: torch.Tensor,  # [N] per sample, broadcast over its tokens
+    advantages: torch.Tensor,  # [N] per sample, broadcast over its tokens, or [N, T] per token (GAE)
     mask: torch.Tensor,  # [N, T] 1 on completion tokens
     clip_eps: float = 0.2,
     tis_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict]:
     if old_logp is None:
         old_logp = logp.detach()
-    adv = advantages.detach().unsqueeze(-1)  # [N, 1]
+    adv = advantages.detach()
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [N, 1] or [N, T]
     ratio = torch.exp(logp - old_logp)  # [N, T]
     w = torch.exp(old_logp - sampler_logp).clamp(max=tis_cap).detach()  # [N, T]
     unclipped = -adv * ratio

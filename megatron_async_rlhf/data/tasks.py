@@ -54,7 +54,8 @@ def load_split(path: str, split: str, name: str | None = None):
 def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: str | None = None,
                  limit: int | None = None) -> list[Row]:
     """Rows from ``datasets.load_dataset`` (see ``load_split``). A GSM8k-style answer ("...#### 72") keeps only the
-    final answer as gold. ``answer_key=""``: prompts only (a reward model or judge scores the completions)."""
+    final answer as gold; a conversation (list of ``{role, content}``) keeps its last assistant turn, the reference
+    answer of a chat win-rate. ``answer_key=""``: prompts only (a reward model or judge scores the completions)."""
     from megatron_async_rlhf.rewards.math import extract_final_answer
 
     ds = load_split(path, split, name)
@@ -64,7 +65,10 @@ def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: 
                               "/ data.answer_key")
     rows = []
     for ex in ds.select(range(min(limit, len(ds)))) if limit else ds:
-        ans = str(ex[answer_key]) if answer_key else ""
+        ans = ex[answer_key] if answer_key else ""
+        if isinstance(ans, list) and ans and isinstance(ans[-1], dict):  # a conversation (No Robots' messages):
+            ans = [m for m in ans if m.get("role") == "assistant"][-1]["content"]  # its last assistant turn
+        ans = str(ans)
         rows.append(Row(str(ex[prompt_key]), extract_final_answer(ans) if "####" in ans else ans.strip()))
     return rows
 

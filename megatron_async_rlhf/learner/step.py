@@ -19,6 +19,7 @@ import torch
 
 from megatron_async_rlhf import algorithms as A
 from megatron_async_rlhf.config import AlgorithmConfig
+from megatron_async_rlhf.learner.critic import gae_advantages
 from megatron_async_rlhf.learner.forward import forward_collect, pad_batch
 from megatron_async_rlhf.learner.train import from_last_stage, train_step
 
@@ -109,8 +110,9 @@ def sft_step(ddp, opt, prompts: list[list[int]], answers: list[list[int]], vocab
     return {**train_step(ddp, opt, mbs, loss_fn, vocab_size), "pad_fraction": pad_fraction(mbs)}
 
 
-def reference_logprobs(ref_model, micro_batches: list[dict], vocab_size: int, temperature: float) -> None:
-    """``ref [b, s-1]`` into each micro-batch, on the last pipeline stage (all learner ranks call it)."""
+def reference_logprobs(ref_model, micro_batches: list[dict], vocab_size: int, temperature: float,
+                       key: str = "ref") -> None:
+    """``ref [b, s-1]`` (or ``key``) into each micro-batch, on the last pipeline stage (all learner ranks call it)."""
     from megatron_async_rlhf.learner.logprobs import vocab_parallel_logprobs
 
     ref_model.eval()
@@ -118,13 +120,19 @@ def reference_logprobs(ref_model, micro_batches: list[dict], vocab_size: int, te
     outs = forward_collect(ref_model, toks, lambda logits, i: vocab_parallel_logprobs(
         logits[:, :-1], toks[i][:, 1:], vocab_size, temperature))
     for m, lp in zip(micro_batches, outs):
-        m["ref"] = lp
+        m[key] = lp
+
+
+def policy_logprobs(ddp, micro_batches: list[dict], vocab_size: int, temperature: float) -> None:
+    """``old [b, s-1]``: the policy's log-probs before this batch's first update (PPO's ratio with several updates)."""
+    reference_logprobs(ddp, micro_batches, vocab_size, temperature, key="old")
 
 
 def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_model, vocab_size: int,
-            max_tokens: int = 0) -> dict:
-    """One RL update on ``batch.samples`` (prompt-major, k per prompt) with scalar ``rewards [N]``.
-    ``max_tokens``: the micro-batch token budget (0: ``ac.micro_batch`` rows per micro-batch)."""
+            max_tokens: int = 0, critic=None) -> dict:
+    """``ac.updates_per_batch`` RL updates on ``batch.samples`` (prompt-major, k per prompt) with scalar
+    ``rewards [N]``. ``max_tokens``: the micro-batch token budget (0: ``ac.micro_batch`` rows per micro-batch).
+    ``critic``: PPO's value model (``learner/critic.py``): GAE advantages, and a critic step after each update."""
     samples, k = batch.samples, ac.samples_per_prompt
     r = rewards.view(-1, k)  # [P, k]
     metrics: dict = {"reward_mean": rewards.mean().item()}
@@ -148,18 +156,25 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
             lp = picked[i].logprobs
             m["sampler"][j, starts[i] - 1: starts[i] - 1 + len(lp)] = torch.tensor(lp)
     reference_logprobs(ref_model, mbs, vocab_size, ac.temperature)
+    if ac.name == "ppo" and ac.updates_per_batch > 1:  # with one update the ratio's "old" is the current policy
+        policy_logprobs(ddp, mbs, vocab_size, ac.temperature)
+    if critic is not None:
+        critic.old_values(mbs)
     if "ref" in mbs[0]:  # the last pipeline stage: advantages need every row's numbers
         if ac.name == "rloo":
             rr = rewards[order].clone()
             for m in mbs:
                 rr[m["rows"]] = A.kl_penalized_rewards(rr[m["rows"]], m["sampler"], m["ref"], m["mask"], ac.kl_coef)
             adv = A.rloo_advantages(rr.view(-1, k)).reshape(-1)
+        elif ac.name == "ppo" and critic is not None:
+            metrics.update(gae_advantages(mbs, rewards[order], ac.kl_coef, ac.gae_gamma, ac.gae_lambda))
         elif ac.name == "ppo":
             adv = A.group_advantages(r).reshape(-1)[order]
         else:
             adv = torch.zeros(len(order))
         for m in mbs:
-            m["adv"] = adv[m["rows"]]
+            if "adv" not in m:
+                m["adv"] = adv[m["rows"]]
         # KL(sampler || reference) per sequence, estimated on the sampled tokens: how far the policy has moved
         metrics["kl_ref"] = sum(float(((m["sampler"] - m["ref"]) * m["mask"]).sum()) for m in mbs) / len(order)
     units = {"online_dpo": lambda m: len(m["rows"]) / 2, "rloo": lambda m: len(m["rows"]),
@@ -174,12 +189,16 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
         elif ac.name == "rloo":
             loss, mm = A.rloo_loss(lp, b["adv"], m)
         else:
-            loss, mm = A.ppo_clip_loss(lp, None, b["sampler"], b["adv"], m, ac.clip_eps, ac.tis_cap)
+            loss, mm = A.ppo_clip_loss(lp, b.get("old"), b["sampler"], b["adv"], m, ac.clip_eps, ac.tis_cap)
         return loss, {**mm, "loss": loss.detach()}
 
-    out = train_step(ddp, opt, mbs, loss_fn, vocab_size, ac.temperature)
+    for _ in range(ac.updates_per_batch):
+        out = train_step(ddp, opt, mbs, loss_fn, vocab_size, ac.temperature)
+        if critic is not None:
+            out.update(critic.step(mbs, ac))
     metrics = from_last_stage(metrics)
     if "loss" in out and not math.isfinite(out["loss"]) or not math.isfinite(out.get("grad_norm", 0.0)):
         raise NonFiniteLoss(f"non-finite loss/grad norm at this step ({out}); stopping. The last exported policy on "
                             "disk is the last good state.")
-    return {**metrics, **out, "pad_fraction": pad_fraction(mbs), "micro_batches": len(mbs)}
+    return {**metrics, **out, "pad_fraction": pad_fraction(mbs), "micro_batches": len(mbs),
+            "optimizer_steps": ac.updates_per_batch}

@@ -85,7 +85,18 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
 def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab_size: int,
-               temperature: float = 1.0) -> dict:
+               temperature: float = 1.0, head_fn: Callable[[torch.Tensor, dict], torch.Tensor] | None = None) -> dict:
+    """One optimizer step. ``loss_fn`` reads the log-probs ``[b, s-1]`` of each next token, or with ``head_fn``
+    whatever ``head_fn(model output, micro-batch)`` makes of the last stage's output (a value model's values)."""
+    return _train_step(ddp, optimizer, micro_batches, loss_fn, head_fn or partial(_next_token_logprobs, vocab_size,
+                                                                                   temperature))
+
+
+def _next_token_logprobs(vocab_size: int, temperature: float, output: torch.Tensor, batch: dict) -> torch.Tensor:
+    return vocab_parallel_logprobs(output[:, :-1], batch["tokens"][:, 1:], vocab_size, temperature)  # [b, s-1]
+
+
+def _train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, head_fn) -> dict:
     """One optimizer step. Each micro-batch is a dict with ``tokens [b, s]`` (and whatever ``loss_fn`` reads); shapes
     may differ between micro-batches. The step minimises ``sum_i weight_i * loss_i`` over the micro-batches, with
     ``weight`` from the dict (its share of the batch's loss units; default: equal shares), so a loss that is a mean
@@ -101,8 +112,7 @@ def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab
     metrics: list[tuple[float, dict]] = []
 
     def loss_func(batch, output):
-        lp = vocab_parallel_logprobs(output[:, :-1], batch["tokens"][:, 1:], vocab_size, temperature)  # [b, s-1]
-        loss, m = loss_fn(lp, batch)
+        loss, m = loss_fn(head_fn(output, batch), batch)
         w = float(batch.get("weight", 1.0 / n))
         metrics.append((w, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in m.items()}))
         return loss * (w * n), {}  # megatron-core divides by the number of micro-batches
