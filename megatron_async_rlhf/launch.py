@@ -201,7 +201,8 @@ def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, d
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s))
         out: list[Any] = [None] * world
-        out[dist.get_rank()] = fn(*args, **kwargs)
+        # the launch's rank: a job may leave this process in a smaller default group (an engine's 1-rank one) or none
+        out[int(os.environ["RANK"])] = fn(*args, **kwargs)
         return out
     with WorkerGroup(world, timeout_s=timeout_s, default_group=default_group) as group:
         return group.run(fn, *args, **kwargs)
