@@ -332,6 +332,8 @@ class AlgorithmConfig:
     top_p: float = 1.0
     max_new_tokens: int = 8
     lr: float = 1e-4
+    lr_schedule: str = "constant"
+    """constant | linear (decay from ``lr`` to 0 over ``steps``, as the paper's chatbot run)."""
     micro_batch: int = 16
     clip_grad: float = 1.0
 
@@ -356,6 +358,8 @@ class AlgorithmConfig:
         if self.steps % self.off_policy_n:
             raise ConfigError(f"algorithm.off_policy_n={self.off_policy_n} must divide algorithm.steps={self.steps}: "
                               "each generation round is trained as off_policy_n optimizer steps")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ConfigError(f"algorithm.lr_schedule={self.lr_schedule!r}: use constant or linear")
         if self.critic and self.name != "ppo":
             raise ConfigError(f"algorithm.critic=true is PPO's value model; algorithm.name={self.name!r} has none")
         if not (0 <= self.gae_gamma <= 1 and 0 <= self.gae_lambda <= 1) or self.value_clip <= 0 or self.critic_lr < 0:

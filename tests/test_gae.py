@@ -55,3 +55,38 @@ def test_clipped_value_loss_by_hand():
     v = values.clone().requires_grad_(True)
     value_loss(v, old, ret, m, clip=0.2)[0].backward()
     torch.testing.assert_close(v.grad, torch.tensor([[0.5, -0.5]]))
+
+
+def test_critic_advantages_over_micro_batches_by_hand():
+    """learner/critic.gae_advantages on the learner's [b, s-1] layout (completions start after prompt positions),
+    two micro-batches whitened together; gamma 1, lambda 1, kl_coef 0.1."""
+    from megatron_async_rlhf.learner.critic import gae_advantages
+
+    a = {"rows": torch.tensor([0]), "mask": torch.tensor([[0.0, 1, 1]]), "sampler": torch.tensor([[0.0, -1, -1]]),
+         "ref": torch.tensor([[0.0, -1.5, -1]]), "old_values": torch.tensor([[0.0, 0.5, 0.2]])}
+    b = {"rows": torch.tensor([1]), "mask": torch.tensor([[1.0, 0]]), "sampler": torch.tensor([[-2.0, 0]]),
+         "ref": torch.tensor([[-1.0, 0]]), "old_values": torch.tensor([[0.3, 0.0]])}
+    m = gae_advantages([a, b], torch.tensor([1.0, 0.0]), kl_coef=0.1, gamma=1.0, lam=1.0)
+    # a: token rewards (-0.1 * 0.5, 1 + 0) = (-0.05, 1); returns (0.95, 1); advantages (0.45, 0.8)
+    # b: token reward -0.1 * (-1) + 0 = 0.1; return 0.1; advantage 0.1 - 0.3 = -0.2
+    torch.testing.assert_close(a["returns"], torch.tensor([[0.0, 0.95, 1.0]]))
+    torch.testing.assert_close(b["returns"], torch.tensor([[0.1, 0.0]]))
+    # whitened over (0.45, 0.8, -0.2): mean 0.35, population std sqrt(0.515 / 3)
+    std = (0.515 / 3) ** 0.5
+    torch.testing.assert_close(a["adv"], torch.tensor([[0.0, 0.1 / std, 0.45 / std]]))
+    torch.testing.assert_close(b["adv"], torch.tensor([[-0.55 / std, 0.0]]))
+    assert m["advantage_raw_mean"] == pytest.approx(0.35) and m["returns_mean"] == pytest.approx(2.05 / 3)
+
+
+def test_ppo_clip_with_per_token_advantages_and_an_old_policy_by_hand():
+    from megatron_async_rlhf.algorithms import ppo_clip_loss
+
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old, sampler = torch.tensor([[-1.2, -2.0]]), torch.tensor([[-1.2, -2.5]])
+    loss, m = ppo_clip_loss(logp, old, sampler, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2, 2.0)
+    # token 0: ratio e^0.2 = 1.2214 > 1.2, advantage +1: the clipped -1.2 is the max, weight e^0 = 1
+    # token 1: ratio 1, advantage -1: +1, TIS weight e^0.5 = 1.6487 (under the cap 2)
+    assert loss.item() == pytest.approx((-1.2 + 1.6487213) / 2, abs=1e-5)
+    assert m["clip_fraction"].item() == pytest.approx(0.5)
+    loss.backward()  # the clipped token passes no gradient; token 1: w * -A * ratio / 2
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 1.6487213 / 2]]))

@@ -28,6 +28,15 @@ def runs(tmp_path_factory):
             summary = group.run(job, dataclasses.asdict(cfg), prepare_model(cfg), f"sched{n}", 2)[0]
             rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
             out[n] = (summary, [r for r in rows if r["phase"] == "rl"])
+        # the paper's PPO (critic) with exact N=2 on top of the async lag, two updates per mini-batch
+        d = tmp_path_factory.mktemp("run_ppo")
+        cfg = load_config([f"logging.out_dir={d}", "logging.wandb_mode=disabled", "sft.steps=5",
+                           f"algorithm.steps={STEPS}", "algorithm.prompts_per_step=4", "algorithm.max_staleness=1",
+                           "algorithm.name=ppo", "algorithm.critic=true", "algorithm.off_policy_n=2",
+                           "algorithm.updates_per_batch=2", "data.eval_size=8", "pin_cpus=false"])
+        summary = group.run(job, dataclasses.asdict(cfg), prepare_model(cfg), "sched_ppo", 2)[0]
+        rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+        out["ppo"] = (summary, [r for r in rows if r["phase"] == "rl"])
     finally:
         group.close(force=not group.alive)
     return out
@@ -51,6 +60,18 @@ def test_sync_and_async_differ_in_overlap_only(runs):
     assert [r["staleness"] for r in runs[1][1]] == [0] + [1] * (STEPS - 1)
     # N=2 syncs lazily: fewer weight pushes than N=1
     assert runs[2][0]["syncs"] < runs[1][0]["syncs"]
+
+
+def test_exact_n_with_the_async_lag_in_a_real_ppo_critic_run(runs):
+    summary, rl = runs["ppo"]
+    assert summary["steps"] == STEPS and summary["generated"] == STEPS // 2  # rounds of 2 mini-batches
+    assert [r["step"] for r in rl] == [r["version"] for r in rl] == list(range(1, STEPS + 1))
+    # round 0 from v0 trained at v0, v1; round 1 generated from v0 during round 0, trained at v2, v3
+    assert [r["off_policy_updates"] for r in rl] == [0, 1, 2, 3]
+    assert [r["staleness"] for r in rl] == [0, 0, 1, 1] and [r["minibatch"] for r in rl] == [0, 1, 0, 1]
+    for r in rl:
+        assert r["optimizer_steps"] == 2 and r["value_loss"] >= 0 and r["critic_grad_norm"] > 0
+        assert abs(r["advantage_raw_std"]) < 1e3 and 0 <= r["value_clip_fraction"] <= 1
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_export(tmp_path):

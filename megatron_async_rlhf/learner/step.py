@@ -134,6 +134,9 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
     ``rewards [N]``. ``max_tokens``: the micro-batch token budget (0: ``ac.micro_batch`` rows per micro-batch).
     ``critic``: PPO's value model (``learner/critic.py``): GAE advantages, and a critic step after each update."""
     samples, k = batch.samples, ac.samples_per_prompt
+    if ac.lr_schedule == "linear":  # batch.index: the optimizer step this mini-batch is trained at
+        for g in opt.param_groups:
+            g["lr"] = ac.lr * (1.0 - batch.index / ac.steps)
     r = rewards.view(-1, k)  # [P, k]
     metrics: dict = {"reward_mean": rewards.mean().item()}
     dpo = ac.name == "online_dpo"
