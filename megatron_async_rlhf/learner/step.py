@@ -9,6 +9,9 @@ length and packed so rows x longest row stays within the budget). Either way eac
 own longest row, and no padding rows are added. The loss of a micro-batch is weighted by its share of the batch's loss
 units (DPO pairs, RLOO samples, PPO / SFT completion tokens), so the step's loss and gradient are those of the whole
 batch in one padded pass, whatever the split.
+
+``rl_step`` takes ``algorithm.updates_per_batch`` optimizer steps on its mini-batch (PPO's ratio then against the
+log-probs before the first); PPO with a critic gets its advantages and value step from ``learner/critic.py``.
 """
 
 from __future__ import annotations
