@@ -377,6 +377,11 @@ class RewardConfig:
     """reward.kind=judge: the judge's name (``rewards.judges.JUDGES``), e.g. vader (VADER sentiment compound of the
     completion, in [-1, 1])."""
     missing_eos_penalty: float = 0.0
+    placement: str = "controller"
+    """Where rewards are computed (``rewards/placement.py``): ``controller`` (the learner's controller, on its critical
+    path) or ``rollout`` (each engine's rank scores its samples right after generating them; the learner receives
+    scored batches, and in the asynchronous schedule scoring overlaps training). ``reward_s`` and ``reward_wait_s``
+    (the part the learner waited for) are logged per step."""
 
 
 @dataclass(kw_only=True)
@@ -441,6 +446,10 @@ class RunConfig:
 
             if self.reward.judge not in JUDGES:
                 raise ConfigError(f"reward.judge={self.reward.judge!r} unknown; choose one of {sorted(JUDGES)}")
+        from megatron_async_rlhf.rewards.placement import PLACEMENTS
+
+        if self.reward.placement not in PLACEMENTS:
+            raise ConfigError(f"reward.placement={self.reward.placement!r}: use one of {list(PLACEMENTS)}")
         if self.reward.kind == "reward_model" and not self.reward.reward_model_path:
             raise ConfigError("reward.kind=reward_model needs reward.reward_model_path")
         if self.mode != "rm" and self.reward.kind == "math" and not self.data.answer_key:

@@ -102,7 +102,7 @@ class Schedule:
         assert self._in_flight is None, "hand-off holds one batch"
         prompts, meta = self.prompts_for(i)
         if self.client.ctx.is_controller:
-            self.client.submit_generate(prompts, self.sampling)
+            self.client.submit_generate(prompts, self.sampling, meta)  # rows: scored there if reward.placement=rollout
         self._in_flight = (i, meta, time.perf_counter(), self.engine_version)
         self.stats.generated += 1
 

@@ -88,7 +88,8 @@ def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int |
     if cfg.pin_cpus and not torch.cuda.is_available():
         _pin_cpus(ctx)
     if ctx.role.kind != "learner":
-        return serve(ctx, EngineSettings(model_path, cfg.cluster.rollout_tp, cfg.rollout))
+        return serve(ctx, EngineSettings(model_path, cfg.cluster.rollout_tp, cfg.rollout),
+                     reward=cfg.reward if cfg.reward.placement == "rollout" else None)
     from megatron_async_rlhf.trainer import Trainer
 
     return Trainer(cfg, ctx, model_path).run()

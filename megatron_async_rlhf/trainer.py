@@ -38,27 +38,42 @@ class Trainer:
             self.metrics = Metrics(cfg.logging.out_dir, dataclasses.asdict(cfg), cfg.logging.wandb_mode,
                                    cfg.logging.wandb_project, cfg.algorithm.steps)
         self._evaluator = None
-        self.reward_model = None
-        if ctx.is_controller:  # a reward model or a judge (rewards/scorer.py); None: math, scored against gold
-            from megatron_async_rlhf.rewards.scorer import text_scorer
+        self.reward_fn = None
+        if ctx.is_controller:  # scores what arrives unscored (reward.placement=controller; evaluation)
+            from megatron_async_rlhf.rewards.placement import RewardFn
 
-            self.reward_model = text_scorer(cfg.reward)
+            self.reward_fn = RewardFn(cfg.reward, self.tok)
 
     # ----- rewards (controller) --------------------------------------------------------------------------------
     def rewards(self, samples, rows: list[Row], penalties: bool = True) -> torch.Tensor:
-        from megatron_async_rlhf.rewards import apply_penalties, math_reward
+        """Rewards of ``samples`` (controller): as scored on the rollout pool when they carry them
+        (``reward.placement=rollout``), else scored here; then the training penalties."""
+        from megatron_async_rlhf.rewards import apply_penalties
+        from megatron_async_rlhf.rewards.placement import carried_rewards
 
-        texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
-        if self.reward_model is not None:
-            r = self.reward_model.score([rows[s.prompt_index].prompt for s in samples], texts)
-        else:
-            r = torch.tensor([math_reward(t, rows[s.prompt_index].answer) for t, s in zip(texts, samples)])
+        r = carried_rewards(samples)
+        if r is None:
+            r = self.reward_fn(samples, rows)
         if not penalties:
             return r
         return apply_penalties(r, [s.finish_reason for s in samples], self.cfg.reward.missing_eos_penalty)
 
-    def _shared_rewards(self, samples, rows) -> torch.Tensor:
-        box = [self.rewards(samples, rows) if self.ctx.is_controller else None]
+    def _shared_rewards(self, samples, rows, collected: dict) -> tuple[torch.Tensor, dict]:
+        """(rewards, {reward_s, reward_wait_s}) on every learner rank. ``collected``: the client's last collect."""
+        box = [None]
+        if self.ctx.is_controller:
+            from megatron_async_rlhf.rewards.placement import carried_rewards
+
+            t0 = time.perf_counter()
+            scored_there = carried_rewards(samples) is not None
+            r = self.rewards(samples, rows)
+            here = time.perf_counter() - t0
+            if scored_there:  # the learner waited only for the scoring that outlasted its own work
+                timing = {"reward_s": collected.get("reward_s", 0.0),
+                          "reward_wait_s": min(collected.get("reward_s", 0.0), collected.get("collect_wait_s", 0.0))}
+            else:
+                timing = {"reward_s": here, "reward_wait_s": here}
+            box = [(r, timing)]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -146,8 +161,8 @@ class Trainer:
                 return [self.train_ids[j] for j in idx], [self.train_rows[j] for j in idx]
 
             def train(batch):
-                rewards = self._shared_rewards(batch.samples, batch.meta)
-                return rl_step(batch, rewards, ac, ddp, opt, ref, mcfg.vocab_size,
+                rewards, timing = self._shared_rewards(batch.samples, batch.meta, client.last_collect)
+                return timing | rl_step(batch, rewards, ac, ddp, opt, ref, mcfg.vocab_size,
                                cfg.learner.max_tokens_per_micro_batch, critic=critic)
 
             def on_step(batch, m):

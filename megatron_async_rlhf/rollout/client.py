@@ -26,6 +26,7 @@ class RolloutClient:
         self.engines = ctx.cfg.rollout_engines
         self._pending: list[tuple[int, int]] | None = None  # (engine group rank, number of prompts) in flight
         self.last_sync: dict = {}
+        self.last_collect: dict = {}  # reward_s (longest engine's scoring), collect_wait_s of the last collect()
         self._pack_buffers = PackBuffers()  # a stage owner's two reusable send buffers
         if ctx.is_controller:  # engines report once they are up; nothing is timed before that
             for e in range(self.engines):
@@ -33,8 +34,10 @@ class RolloutClient:
         dist.barrier()  # the whole learner pool starts once the rollout pool is up
 
     # ----- generation (controller only) ------------------------------------------------------------------------
-    def submit_generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> None:
-        """Send the prompts, split evenly over the engines, without waiting for the samples."""
+    def submit_generate(self, prompts: list[list[int]], sampling: SamplingSettings, rows: list | None = None) -> None:
+        """Send the prompts, split evenly over the engines, without waiting for the samples. ``rows`` (one per
+        prompt: text, gold answer) travel with them when the engines score what they generate
+        (``reward.placement=rollout``)."""
         assert self.ctx.is_controller, "only learner rank 0 talks to the engines"
         if self._pending is not None:
             raise RuntimeError("a generation request is already in flight; collect() it first")
@@ -45,7 +48,9 @@ class RolloutClient:
             if not chunk:
                 continue
             self.ctx.control.send_obj({"cmd": "generate", "prompts": chunk, "sampling": sampling,
-                                       "first_index": e * per}, e + 1, f"sending {len(chunk)} prompts")
+                                       "first_index": e * per,
+                                       "rows": rows[e * per:(e + 1) * per] if rows is not None else None},
+                                      e + 1, f"sending {len(chunk)} prompts")
             self._pending.append((e + 1, len(chunk)))
 
     def collect(self) -> list[Sample]:
@@ -53,13 +58,18 @@ class RolloutClient:
         assert self._pending is not None, "no generation request in flight"
         out: list[Sample] = []
         pending, self._pending = self._pending, None
+        t0, reward_s = time.perf_counter(), 0.0
         for peer, n in pending:
             reply = self.ctx.control.recv_obj(peer, f"generating {n} prompts")
             out += reply["samples"]
+            reward_s = max(reward_s, reply.get("reward_s", 0.0))
+        # scoring is the tail of each engine's request: the learner waited for at most the part of it that outlasted
+        # its own work
+        self.last_collect = {"reward_s": reward_s, "collect_wait_s": time.perf_counter() - t0}
         return out
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Sample]:
-        self.submit_generate(prompts, sampling)
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, rows: list | None = None) -> list[Sample]:
+        self.submit_generate(prompts, sampling, rows)
         return self.collect()
 
     def score(self, sequences: list[list[int]], engine: int = 0) -> list[list[float]]:
@@ -81,12 +91,12 @@ class RolloutClient:
                 self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp, "keep": keep}, e + 1,
                                           f"starting weight sync v{version}")
         if ps.get_data_parallel_rank() == 0:
-            named = stage_hf_groups(model, info, cfg)  # collective over this stage's TP group
+            bucket = int(self.ctx.cfg.bucket_mb * 2**20)
+            named = stage_hf_groups(model, info, cfg, chunk_bytes=bucket)  # collective over this stage's TP group
             if info.tp_rank == 0:
                 if info.pp_rank not in self.ctx.bridges:
                     raise RuntimeError(f"learner rank {dist.get_rank()} owns stage {info.pp_rank}'s weights but is not "
                                        "on its bridge: megatron-core's rank order differs from cluster.weight_owners")
-                bucket = int(self.ctx.cfg.bucket_mb * 2**20)
                 send_stage(self.ctx.bridges[info.pp_rank], named, bucket,
                            f"receiving weights v{version} of stage {info.pp_rank}", self._pack_buffers)
             else:

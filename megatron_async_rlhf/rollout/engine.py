@@ -55,6 +55,7 @@ class Sample:
     finish_reason: str  # "stop" (a stop token / EOS) or "length" (max_new_tokens reached)
     version: int  # the policy version (learner optimizer steps) of the weights that produced it
     engine: int = 0
+    reward: float | None = None  # raw reward, when scored on the rollout pool (reward.placement=rollout)
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,10 @@ def _drop_kept(engine: RolloutEngine) -> None:
     engine.kept = None
 
 
-def serve(ctx: ClusterContext, settings: EngineSettings) -> dict:
-    """Run until the controller says shutdown; returns this engine's counters."""
+def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
+    """Run until the controller says shutdown; returns this engine's counters. ``reward``: the run's
+    ``RewardConfig`` when rewards are computed here (``reward.placement=rollout``): every generation request that
+    carries its rows is scored right after it is generated (``rewards/placement.py``)."""
     if ctx.role.kind == "idle":  # an engine's non-leader rank: vLLM's own workers drive its device (or, on CPU, cores)
         ctx.store.wait([f"{ctx.session}/shutdown"])
         return {}
@@ -53,6 +55,13 @@ def serve(ctx: ClusterContext, settings: EngineSettings) -> dict:
     ch = ctx.control
     ch.send_obj({"ready": True, "engine": ctx.role.engine}, 0, "reporting ready", timeout_s=ctx.cfg.startup_timeout_s)
     stats = {"generate_calls": 0, "syncs": 0, "samples": 0}
+    reward_fn = None
+    if reward is not None:
+        from transformers import AutoTokenizer
+
+        from megatron_async_rlhf.rewards.placement import RewardFn
+
+        reward_fn = RewardFn(reward, AutoTokenizer.from_pretrained(settings.model))
     while True:
         msg = ch.recv_obj(0, "waiting for a command from the learner", timeout_s=ctx.cfg.idle_timeout_s)
         cmd = msg["cmd"]
@@ -63,9 +72,16 @@ def serve(ctx: ClusterContext, settings: EngineSettings) -> dict:
         if cmd == "generate":
             t0 = time.perf_counter()
             samples = engine.generate(msg["prompts"], msg["sampling"], first_index=msg["first_index"])
+            reward_s = 0.0
+            if reward_fn is not None and msg.get("rows") is not None:
+                from megatron_async_rlhf.rewards.placement import score_in_place
+
+                rows = {msg["first_index"] + i: r for i, r in enumerate(msg["rows"])}
+                reward_s = score_in_place(reward_fn, samples, rows)
             stats["generate_calls"] += 1
             stats["samples"] += len(samples)
-            ch.send_obj({"samples": samples, "seconds": time.perf_counter() - t0}, 0, "returning samples")
+            ch.send_obj({"samples": samples, "seconds": time.perf_counter() - t0, "reward_s": reward_s}, 0,
+                        "returning samples")
         elif cmd == "score":
             ch.send_obj({"logprobs": engine.score(msg["sequences"])}, 0, "returning scores")
         elif cmd == "sync":
