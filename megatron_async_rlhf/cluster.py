@@ -34,6 +34,7 @@ class RolloutError(RuntimeError):
 class Role:
     rank: int
     kind: str  # "learner" | "engine" (an engine's leader rank) | "idle" (an engine's other ranks: vLLM's workers)
+    #            | "reward" (reward.placement=dedicated: the scorer of engine ``engine``)
     learner_rank: int | None = None
     engine: int | None = None
 
@@ -42,6 +43,8 @@ def role_of(rank: int, cfg: ClusterConfig) -> Role:
     if rank < cfg.learner_world:
         return Role(rank, "learner", learner_rank=rank)
     r = rank - cfg.learner_world
+    if r >= cfg.rollout_world:
+        return Role(rank, "reward", engine=r - cfg.rollout_world)
     return Role(rank, "engine" if r % cfg.rollout_tp == 0 else "idle", engine=r // cfg.rollout_tp)
 
 
@@ -49,6 +52,10 @@ def weight_owners(cfg: ClusterConfig) -> list[int]:
     """Global rank of (tp 0, dp 0) in each pipeline stage, in megatron-core's default rank order (tp fastest, then dp,
     pp slowest). RolloutClient.sync_weights fails loudly if megatron-core's order ever differs."""
     return [s * cfg.learner_tp * cfg.learner_dp for s in range(cfg.learner_pp)]
+
+
+def reward_rank(cfg: ClusterConfig, engine: int) -> int:
+    return cfg.learner_world + cfg.rollout_world + engine
 
 
 def engine_leaders(cfg: ClusterConfig) -> list[int]:
@@ -150,6 +157,7 @@ class ClusterContext:
     session: str
     store: object
     bridges: dict  # pipeline stage -> Channel, for the stages this rank's bridges cover
+    reward_bridge: Channel | None = None  # engine leader <-> its reward rank (reward.placement=dedicated)
 
     @property
     def control(self) -> Channel:
@@ -203,6 +211,14 @@ def setup(cfg: ClusterConfig, session: str = "mrlhf", world_size: int | None = N
             pg = _new_group(dist.PrefixStore(f"{session}/bridge{stage}/", store), members.index(rank), len(members),
                             max(cfg.timeout_s, cfg.idle_timeout_s))
             bridges[stage] = Channel(pg, members, names, cfg.timeout_s)
+    reward_bridge = None
+    for e in range(cfg.reward_ranks):  # objects only: gloo on every machine
+        members = [engine_leaders(cfg)[e], reward_rank(cfg, e)]
+        if rank in members:
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"{session}/reward{e}/", store), members.index(rank), 2,
+                                       datetime.timedelta(seconds=max(cfg.timeout_s, cfg.idle_timeout_s)))
+            reward_bridge = Channel(pg, members, {members[0]: f"rollout engine {e} (rank {members[0]})",
+                                                  members[1]: f"reward rank {members[1]} of engine {e}"}, cfg.timeout_s)
     log.info("rank %d: %s%s, bridges %s", rank, role.kind,
              f" {role.engine}" if role.engine is not None else "", sorted(bridges))
-    return ClusterContext(cfg, role, session, store, bridges)
+    return ClusterContext(cfg, role, session, store, bridges, reward_bridge)

@@ -39,6 +39,10 @@ class ClusterConfig:
     """Longest an engine waits for its next command (the learner may train for long between calls)."""
     bucket_mb: float = 64.0
     """Weight-sync bucket size: tensors are packed into flat buffers of about this size per broadcast."""
+    reward_ranks: int = 0
+    """Ranks of their own for reward scoring (``reward.placement=dedicated``), after the rollout pool: one per engine,
+    each holding the run's scorer (reward model or judge) on its own device; engine e sends what it generated to
+    reward rank e and returns the samples scored. 0 otherwise."""
 
     @property
     def learner_world(self) -> int:
@@ -50,9 +54,11 @@ class ClusterConfig:
 
     @property
     def world(self) -> int:
-        return self.learner_world + self.rollout_world
+        return self.learner_world + self.rollout_world + self.reward_ranks
 
     def validate(self, world_size: int | None = None, cuda: bool = False) -> "ClusterConfig":
+        if self.reward_ranks < 0:
+            raise ConfigError(f"cluster.reward_ranks={self.reward_ranks} must be >= 0")
         for name in ("learner_tp", "learner_pp", "learner_dp", "rollout_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"cluster.{name}={getattr(self, name)} must be >= 1")
@@ -64,7 +70,8 @@ class ClusterConfig:
             raise ConfigError(
                 f"the launch has {world_size} ranks but cluster needs learner {self.learner_tp}x{self.learner_pp}x"
                 f"{self.learner_dp}={self.learner_world} + rollout {self.rollout_engines}x{self.rollout_tp}="
-                f"{self.rollout_world} = {self.world}. Fix: launch with {self.world} ranks or change cluster.*"
+                f"{self.rollout_world}" + (f" + reward {self.reward_ranks}" if self.reward_ranks else "") +
+                f" = {self.world}. Fix: launch with {self.world} ranks or change cluster.*"
             )
         if not cuda:
             if self.devices_per_node:
@@ -79,6 +86,9 @@ class ClusterConfig:
                               "must fit in one node")
         if n % self.rollout_tp:
             raise ConfigError(f"cluster.rollout_tp={self.rollout_tp} does not divide devices_per_node={n}")
+        if self.reward_ranks % n:
+            raise ConfigError(f"cluster.reward_ranks={self.reward_ranks} must fill whole nodes of {n} devices (a pool "
+                              "of its own), or use reward.placement=rollout to score beside the engines")
         if self.learner_world % n or self.rollout_world % n:
             raise ConfigError(
                 f"learner pool ({self.learner_world} ranks) and rollout pool ({self.rollout_world} ranks) must each "
@@ -379,9 +389,10 @@ class RewardConfig:
     missing_eos_penalty: float = 0.0
     placement: str = "controller"
     """Where rewards are computed (``rewards/placement.py``): ``controller`` (the learner's controller, on its critical
-    path) or ``rollout`` (each engine's rank scores its samples right after generating them; the learner receives
-    scored batches, and in the asynchronous schedule scoring overlaps training). ``reward_s`` and ``reward_wait_s``
-    (the part the learner waited for) are logged per step."""
+    path), ``rollout`` (each engine's rank scores its samples right after generating them; the learner receives
+    scored batches, and in the asynchronous schedule scoring overlaps training) or ``dedicated`` (the same, on reward
+    ranks of their own: ``cluster.reward_ranks``, one per engine, so the scorer's memory is off both pools).
+    ``reward_s`` and ``reward_wait_s`` (the part the learner waited for) are logged per step."""
 
 
 @dataclass(kw_only=True)
@@ -450,6 +461,13 @@ class RunConfig:
 
         if self.reward.placement not in PLACEMENTS:
             raise ConfigError(f"reward.placement={self.reward.placement!r}: use one of {list(PLACEMENTS)}")
+        cl = self.cluster
+        if self.reward.placement == "dedicated" and cl.reward_ranks != cl.rollout_engines:
+            raise ConfigError(f"reward.placement=dedicated scores on one reward rank per engine: set "
+                              f"cluster.reward_ranks={cl.rollout_engines} (cluster.rollout_engines), not {cl.reward_ranks}")
+        if self.reward.placement != "dedicated" and cl.reward_ranks:
+            raise ConfigError(f"cluster.reward_ranks={cl.reward_ranks} with reward.placement={self.reward.placement}: "
+                              "those ranks would sit idle. Fix: reward.placement=dedicated or cluster.reward_ranks=0")
         if self.reward.kind == "reward_model" and not self.reward.reward_model_path:
             raise ConfigError("reward.kind=reward_model needs reward.reward_model_path")
         if self.mode != "rm" and self.reward.kind == "math" and not self.data.answer_key:

@@ -87,6 +87,10 @@ def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int |
         return None
     if cfg.pin_cpus and not torch.cuda.is_available():
         _pin_cpus(ctx)
+    if ctx.role.kind == "reward":  # reward.placement=dedicated
+        from megatron_async_rlhf.rewards.placement import serve_rewards
+
+        return serve_rewards(ctx, cfg.reward, model_path)
     if ctx.role.kind != "learner":
         return serve(ctx, EngineSettings(model_path, cfg.cluster.rollout_tp, cfg.rollout),
                      reward=cfg.reward if cfg.reward.placement == "rollout" else None)

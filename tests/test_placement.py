@@ -1,5 +1,6 @@
-"""reward.placement=rollout: the engine's rank scores its own samples right after generating them (real vLLM, two
-processes), and the rewards it sends back equal the controller's own scoring of the same samples."""
+"""reward.placement=rollout (the engine's rank scores its own samples right after generating them) and dedicated (the
+engine hands them to a reward rank of its own), with real vLLM: the rewards that come back equal the controller's own
+scoring of the same samples."""
 
 import pytest
 import torch
@@ -9,13 +10,13 @@ from megatron_async_rlhf.launch import WorkerGroup
 pytestmark = pytest.mark.multiproc
 
 
-def _placement_job(session, hf_dir, world_size, reward: dict):
+def _placement_job(session, hf_dir, world_size, reward: dict, placement: str = "rollout"):
     from transformers import AutoTokenizer
 
     from megatron_async_rlhf.cluster import setup
     from megatron_async_rlhf.config import ClusterConfig, RewardConfig, RolloutConfig
     from megatron_async_rlhf.data.tasks import Row
-    from megatron_async_rlhf.rewards.placement import RewardFn, carried_rewards
+    from megatron_async_rlhf.rewards.placement import RewardFn, carried_rewards, serve_rewards
     from megatron_async_rlhf.rollout.client import RolloutClient
     from megatron_async_rlhf.rollout.engine import EngineSettings, SamplingSettings
     from megatron_async_rlhf.rollout.server import serve
@@ -24,12 +25,15 @@ def _placement_job(session, hf_dir, world_size, reward: dict):
 
     # a judge that reads both texts, so a prompt paired with the wrong row or a shifted index shows
     register("prompt_and_length")(lambda ps, cs: [1000.0 * len(p) + len(c) for p, c in zip(ps, cs)])
-    rc = RewardConfig(**reward, placement="rollout")
-    ctx = setup(ClusterConfig(rollout_engines=1, timeout_s=40), session, world_size)
+    rc = RewardConfig(**reward, placement=placement)
+    dedicated = placement == "dedicated"
+    ctx = setup(ClusterConfig(rollout_engines=1, reward_ranks=int(dedicated), timeout_s=60), session, world_size)
     if ctx is None:
         return None
+    if ctx.role.kind == "reward":
+        return serve_rewards(ctx, rc, hf_dir)
     if ctx.role.kind == "engine":
-        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig()), reward=rc)
+        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig()), reward=None if dedicated else rc)
     client = RolloutClient(ctx)
     try:
         tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -47,15 +51,20 @@ def _placement_job(session, hf_dir, world_size, reward: dict):
 
 @pytest.fixture(scope="module")
 def ppool():
-    group = WorkerGroup(2, default_group=False, timeout_s=300)
+    group = WorkerGroup(3, default_group=False, timeout_s=300)
     yield group
     group.close(force=not group.alive)
 
 
-@pytest.mark.parametrize("reward", [{"kind": "math"}, {"kind": "judge", "judge": "vader"},
-                                    {"kind": "judge", "judge": "prompt_and_length"}], ids=["math", "vader", "text"])
-def test_rollout_placement_scores_like_the_controller(ppool, tiny_models, reward):
-    out = ppool.run(_placement_job, "placement-" + "-".join(reward.values()), tiny_models["tiny-gqa"], 2, reward)[0]
+@pytest.mark.parametrize("placement,reward", [
+    ("rollout", {"kind": "math"}), ("rollout", {"kind": "judge", "judge": "vader"}),
+    ("rollout", {"kind": "judge", "judge": "prompt_and_length"}),
+    ("dedicated", {"kind": "judge", "judge": "prompt_and_length"}),
+], ids=["rollout-math", "rollout-vader", "rollout-text", "dedicated-text"])
+def test_placements_off_the_learner_score_like_the_controller(ppool, tiny_models, placement, reward):
+    world = 3 if placement == "dedicated" else 2
+    out = ppool.run(_placement_job, f"placement-{placement}-" + "-".join(reward.values()), tiny_models["tiny-gqa"],
+                    world, reward, placement)[0]
     assert out["n"] == 9 and out["carried"] is not None
     torch.testing.assert_close(out["carried"], out["mine"], rtol=0, atol=0)
     if reward.get("judge") == "prompt_and_length":  # 3 samples per prompt, in prompt order: the rows travelled right
@@ -64,9 +73,14 @@ def test_rollout_placement_scores_like_the_controller(ppool, tiny_models, reward
     assert "reward_s" in out["timing"] and out["timing"]["collect_wait_s"] >= 0
 
 
-def test_unknown_placement_is_named():
+@pytest.mark.parametrize("overrides,message", [
+    (["reward.placement=gpu0"], "reward.placement='gpu0'"),
+    (["reward.placement=dedicated"], "set cluster.reward_ranks=1"),
+    (["cluster.reward_ranks=1"], "those ranks would sit idle"),
+])
+def test_bad_placements_are_named(overrides, message):
     from megatron_async_rlhf.hf_llama import ConfigError
     from megatron_async_rlhf.train import load_config
 
-    with pytest.raises(ConfigError, match="reward.placement='gpu0'"):
-        load_config(["reward.placement=gpu0"], cuda=False)
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides, cuda=False)

@@ -8,6 +8,9 @@
   The learner receives batches already scored. In the asynchronous schedule scoring overlaps training like
   generation does: the learner waits only for the part of it that outlasts its own step (``reward_wait_s`` <=
   ``reward_s``), and the reward model's memory is on the rollout pool.
+- ``dedicated``: as ``rollout``, but engine e hands its samples to reward rank e (``cluster.reward_ranks``, ranks of
+  their own after the rollout pool, :func:`serve_rewards`), so the scorer has a device to itself and neither pool
+  holds its memory.
 
 Penalties that depend on how a sample ended (``reward.missing_eos_penalty``) are applied on the controller in both
 cases (they are arithmetic on the finish reason), so ``Sample.reward`` is always the raw score.
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-PLACEMENTS = ("controller", "rollout")
+PLACEMENTS = ("controller", "rollout", "dedicated")
 
 
 class RewardFn:
@@ -56,3 +59,33 @@ def carried_rewards(samples) -> torch.Tensor | None:
     if not samples or any(getattr(s, "reward", None) is None for s in samples):
         return None
     return torch.tensor([s.reward for s in samples], dtype=torch.float32)
+
+
+def serve_rewards(ctx, reward_cfg, model_path: str) -> dict:
+    """A reward rank's loop (``reward.placement=dedicated``): score what its engine sends until it says shutdown."""
+    from transformers import AutoTokenizer
+
+    fn = RewardFn(reward_cfg, AutoTokenizer.from_pretrained(model_path))
+    ch, stats = ctx.reward_bridge, {"batches": 0, "samples": 0, "reward_s": 0.0}
+    ch.send_obj({"ready": True}, 0, "reporting the reward scorer ready", timeout_s=ctx.cfg.startup_timeout_s)
+    while True:
+        msg = ch.recv_obj(0, "waiting for samples to score", timeout_s=ctx.cfg.idle_timeout_s)
+        if msg["cmd"] == "shutdown":
+            return stats
+        t0 = time.perf_counter()
+        rewards = fn(msg["samples"], msg["rows"]).tolist()
+        seconds = time.perf_counter() - t0
+        stats["batches"] += 1
+        stats["samples"] += len(rewards)
+        stats["reward_s"] += seconds
+        ch.send_obj({"rewards": rewards, "seconds": seconds}, 0, "returning rewards")
+
+
+def score_remotely(ch, samples, rows) -> float:
+    """Engine side of ``dedicated``: send the samples to this engine's reward rank, set ``sample.reward`` from its
+    answer; returns the seconds the reward rank spent scoring."""
+    ch.send_obj({"cmd": "score", "samples": samples, "rows": rows}, 1, f"sending {len(samples)} samples to score")
+    reply = ch.recv_obj(1, f"scoring {len(samples)} samples")
+    for s, r in zip(samples, reply["rewards"]):
+        s.reward = r
+    return reply["seconds"]

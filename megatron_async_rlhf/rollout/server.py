@@ -53,6 +53,8 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
     engine = get_engine(settings, ctx.role.engine)
     engine.version = 0
     ch = ctx.control
+    if ctx.reward_bridge is not None:  # its reward rank has its scorer loaded
+        ctx.reward_bridge.recv_obj(1, "loading the reward scorer", timeout_s=ctx.cfg.startup_timeout_s)
     ch.send_obj({"ready": True, "engine": ctx.role.engine}, 0, "reporting ready", timeout_s=ctx.cfg.startup_timeout_s)
     stats = {"generate_calls": 0, "syncs": 0, "samples": 0}
     reward_fn = None
@@ -66,6 +68,8 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
         msg = ch.recv_obj(0, "waiting for a command from the learner", timeout_s=ctx.cfg.idle_timeout_s)
         cmd = msg["cmd"]
         if cmd == "shutdown":
+            if ctx.reward_bridge is not None:
+                ctx.reward_bridge.send_obj({"cmd": "shutdown"}, 1, "stopping the reward rank")
             _drop_kept(engine)
             ch.send_obj(stats, 0, "acknowledging shutdown")
             return stats
@@ -73,11 +77,14 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
             t0 = time.perf_counter()
             samples = engine.generate(msg["prompts"], msg["sampling"], first_index=msg["first_index"])
             reward_s = 0.0
-            if reward_fn is not None and msg.get("rows") is not None:
-                from megatron_async_rlhf.rewards.placement import score_in_place
+            if msg.get("rows") is not None and (reward_fn is not None or ctx.reward_bridge is not None):
+                from megatron_async_rlhf.rewards.placement import score_in_place, score_remotely
 
                 rows = {msg["first_index"] + i: r for i, r in enumerate(msg["rows"])}
-                reward_s = score_in_place(reward_fn, samples, rows)
+                if ctx.reward_bridge is not None:  # reward.placement=dedicated: this engine's reward rank scores
+                    reward_s = score_remotely(ctx.reward_bridge, samples, rows)
+                else:
+                    reward_s = score_in_place(reward_fn, samples, rows)
             stats["generate_calls"] += 1
             stats["samples"] += len(samples)
             ch.send_obj({"samples": samples, "seconds": time.perf_counter() - t0, "reward_s": reward_s}, 0,
