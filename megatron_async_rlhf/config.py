@@ -406,6 +406,30 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """Full RL checkpoints under ``<logging.out_dir>/checkpoints/`` (``run_state.py``): a resumed run (``resume``)
+    continues exactly where the checkpoint was taken."""
+
+    every: int = 0
+    """Write a checkpoint every N RL steps (model, optimizer, RNG, data cursor, schedule, metrics offset, config);
+    0: none, except the one a SIGTERM/SIGINT writes before the run stops."""
+    keep: int = 2
+    """Newest checkpoints kept on disk; older ones are deleted once a newer one is complete."""
+    grace_s: float = 300.0
+    """After a first SIGTERM/SIGINT the run finishes its step, checkpoints, stops the engines and exits 0; if that
+    takes longer than this, the launcher kills the workers and exits 1. A second signal stops at once."""
+
+    def validate(self) -> "CheckpointConfig":
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every={self.every} must be >= 0 (0: no periodic checkpoints)")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep} must be >= 1: a resume needs the newest checkpoint")
+        if self.grace_s <= 0:
+            raise ConfigError(f"checkpoint.grace_s={self.grace_s} must be > 0 (seconds a stop may take)")
+        return self
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     mode: str = "rl"
     """rl (warm start if sft.steps > 0, then RL) | sft (supervised only) | rm (reward model on preference pairs,
@@ -413,6 +437,11 @@ class RunConfig:
     seed: int = 0
     pin_cpus: bool = True
     """CPU: pin learner ranks and engine ranks to separate cores."""
+    resume: str = ""
+    """Continue an RL run from a checkpoint: ``auto`` (the newest complete one under
+    ``<logging.out_dir>/checkpoints``; a fresh start if there is none) or the checkpoint's directory. Empty: start
+    afresh. Fields that decide the run's numbers (model, data, algorithm except ``steps``, reward, seeds, precision)
+    must equal the checkpoint's; the learner's TP/PP/DP may differ."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -424,6 +453,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, cuda: bool = False) -> "RunConfig":
         if self.mode not in ("rl", "sft", "rm"):
@@ -437,6 +467,12 @@ class RunConfig:
         self.data.validate()
         self.cluster.validate(cuda=cuda)
         self.learner.validate()
+        self.checkpoint.validate()
+        if self.checkpoint.every % self.algorithm.off_policy_n:
+            raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of algorithm.off_policy_n="
+                              f"{self.algorithm.off_policy_n}: checkpoints fall between rounds")
+        if self.resume and self.mode != "rl":
+            raise ConfigError(f"resume={self.resume!r} continues RL runs only (mode=rl), not mode={self.mode}")
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:
             raise ConfigError("eval.every and eval.max_new_tokens must be >= 0")
         if self.eval.win_rate_against not in ("initial", "answers"):
@@ -501,12 +537,12 @@ def run_config_from_dict(d: dict) -> RunConfig:
     classes = {"model": ModelConfig, "data": DataConfig, "sft": SFTConfig, "eval": EvalConfig,
                "algorithm": AlgorithmConfig, "rm": RMConfig,
                "reward": RewardConfig, "cluster": ClusterConfig, "rollout": RolloutConfig, "learner": LearnerConfig,
-               "logging": LoggingConfig}
+               "logging": LoggingConfig, "checkpoint": CheckpointConfig}
     unknown = sorted(set(d) - set(sub))
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sub)}")
     if d.get("mode") == "rm" and "prompt_key" not in (d.get("data") or {}):
         d["data"] = {**(d.get("data") or {}), "prompt_key": "prompt"}  # preference data's column (HH-RLHF, UltraFeedback)
     kw = {k: from_dict(classes[k], d.get(k)) for k in classes}
-    kw.update({k: d[k] for k in ("mode", "seed", "pin_cpus") if k in d})
+    kw.update({k: d[k] for k in ("mode", "seed", "pin_cpus", "resume") if k in d})
     return RunConfig(**kw)

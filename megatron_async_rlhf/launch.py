@@ -5,7 +5,8 @@ the test suite, which keeps one group alive across tests so megatron-core's impo
 
 A job is a module-level function ``fn(*args)`` run on every rank at once; ``run`` returns the per-rank results. If a
 rank raises, its traceback is raised here and the group is torn down (the other ranks may be stuck in a collective);
-if a rank dies or the job exceeds ``timeout_s``, the same. Never a silent hang.
+if a rank dies or the job exceeds ``timeout_s``, the same. Never a silent hang. Workers die with this process
+(``preemption.die_with_parent``), even when it is killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_timeout_s: float, env: dict,
-            default_group: bool) -> None:
+            default_group: bool, parent_pid: int) -> None:
+    from megatron_async_rlhf.preemption import die_with_parent
+
+    die_with_parent(parent_pid)
     os.environ.update(env)
     # the same environment torchrun gives its ranks: the store is served by the launcher (here: the parent)
     os.environ.update(
@@ -95,6 +99,7 @@ class WorkerGroup:
         self.world = world
         self.timeout_s = timeout_s
         self.grace_s = grace_s
+        self._stop_deadline: float | None = None
         ctx = mp.get_context("spawn")
         port = free_port()
         self._store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
@@ -105,7 +110,7 @@ class WorkerGroup:
             ctx.Process(
                 target=_worker,
                 args=(r, world, port, self._jobs[r], self._results, threads_per_rank, timeout_s, dict(env or {}),
-                      default_group),
+                      default_group, os.getpid()),
                 # not daemonic: megatron-core's dist_checkpointing save starts child processes of its own;
                 # close() (also registered atexit) ends the workers instead
                 daemon=False,
@@ -136,6 +141,10 @@ class WorkerGroup:
                         deadline = min(deadline, now + self.grace_s)
                 if now > deadline:
                     break
+                if self._stop_deadline is not None and now > self._stop_deadline:
+                    self.close(force=True)
+                    raise WorkerError(f"{what} did not stop within the grace period after a stop signal; workers "
+                                      "killed")
                 continue
             if status == "error":
                 self.close(force=True)
@@ -158,6 +167,14 @@ class WorkerGroup:
         for q in self._jobs:
             q.put((fn, args, kwargs))
         return self._collect(getattr(fn, "__qualname__", str(fn)))
+
+    def request_stop(self, grace_s: float) -> None:
+        """Ask the job to stop at its next step boundary (``preemption.STOP_KEY`` in the store the workers use) and
+        kill the workers if it has not returned within ``grace_s``."""
+        from megatron_async_rlhf.preemption import STOP_KEY
+
+        self._store.set(STOP_KEY, "1")
+        self._stop_deadline = time.monotonic() + grace_s
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
@@ -186,9 +203,10 @@ class WorkerGroup:
 
 
 def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, default_group: bool = True,
-                    **kwargs) -> list[Any]:
+                    stop_grace_s: float | None = None, **kwargs) -> list[Any]:
     """One job on a fresh group of ``world`` processes, or in this process's own torchrun world if it has one
-    (then the result list holds only this rank's result, at its rank)."""
+    (then the result list holds only this rank's result, at its rank). With ``stop_grace_s``, a first SIGTERM/SIGINT
+    asks the job to stop (``preemption``) and allows it that long; a second ends everything at once."""
     import torch.distributed as dist
 
     if "TORCHELASTIC_RUN_ID" in os.environ or (os.environ.get("RANK") and os.environ.get("WORLD_SIZE")):
@@ -205,4 +223,12 @@ def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, d
         out[int(os.environ["RANK"])] = fn(*args, **kwargs)
         return out
     with WorkerGroup(world, timeout_s=timeout_s, default_group=default_group) as group:
-        return group.run(fn, *args, **kwargs)
+        if stop_grace_s is None:
+            return group.run(fn, *args, **kwargs)
+        from megatron_async_rlhf.preemption import stop_on_signals
+
+        restore = stop_on_signals(lambda: group.request_stop(stop_grace_s))
+        try:
+            return group.run(fn, *args, **kwargs)
+        finally:
+            restore()

@@ -33,10 +33,18 @@ is requested only after round ``r``'s steps and a sync. M=1 is the plain schedul
 
 Runs on every learner rank (all take part in weight syncs); only the controller talks to the engines, and each batch
 is broadcast to the learner pool after it arrives.
+
+Resume (``run_state.py``): checkpoints fall between rounds. One taken after round ``r`` holds the learner at version
+``(r+1)*M``, never the older weights that generated the round in flight. So that round is saved with the checkpoint
+when older weights made it (``checkpoint_state``; the next step would wait for it anyway) and regenerated from the
+same prompts and seeds when the current weights did (the synchronous schedule). A resumed schedule starts with engines
+that hold nothing of this run yet: its first round pushes the current weights where the uninterrupted run pushed the
+same ones, so with ``sync_every_step`` the resumed run requests, syncs and trains exactly what it would have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -79,11 +87,13 @@ class Schedule:
     def __init__(self, client, max_staleness: int, steps: int,
                  prompts_for: Callable[[int], tuple[list[list[int]], list]], sampling,
                  sync: Callable[[int], dict], always_sync: bool = True,
-                 after_sync: Callable[[int], None] | None = None, off_policy_n: int = 1):
+                 after_sync: Callable[[int], None] | None = None, off_policy_n: int = 1,
+                 resume: dict | None = None, seed_of: Callable[[int], int] | None = None):
         """``steps`` optimizer steps (trained mini-batches) in ``steps / off_policy_n`` rounds; ``prompts_for(r)``
         gives round ``r``'s prompts (``off_policy_n`` mini-batches' worth). ``after_sync(version)`` runs right after
         each weight push, while no generation request is in flight and the engines hold ``version`` (evaluation uses
-        it); it never changes what is trained or when."""
+        it); it never changes what is trained or when. ``resume``: a ``checkpoint_state()`` to continue from.
+        ``seed_of(r)``: round ``r``'s sampling seed (reproducible samples)."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness={max_staleness} must be >= 0 (0 = synchronous)")
         if off_policy_n < 1 or steps % off_policy_n:
@@ -91,22 +101,32 @@ class Schedule:
         self.client, self.n, self.steps, self.m = client, max_staleness, steps, off_policy_n
         self.rounds = steps // off_policy_n
         self.prompts_for, self.sampling, self.sync_fn, self.always_sync = prompts_for, sampling, sync, always_sync
-        self.after_sync = after_sync
+        self.after_sync, self.seed_of = after_sync, seed_of
         self.version = 0  # learner policy version = optimizer steps taken
         self.engine_version = 0  # weights the engines hold (synced before the schedule starts)
         self.stats = ScheduleStats()
         self._in_flight: tuple[int, list, float, int] | None = None
+        self._ready: Batch | None = None  # a round collected ahead of its turn (by a checkpoint)
+        if resume is not None:
+            self.version = resume["version"]
+            self.engine_version = -1  # the engines hold the starting weights, not this run's
+            self.stats = ScheduleStats(**resume["stats"])
 
     # ----- controller <-> engines -------------------------------------------------------------------------------
     def _submit(self, i: int) -> None:
         assert self._in_flight is None, "hand-off holds one batch"
         prompts, meta = self.prompts_for(i)
         if self.client.ctx.is_controller:
-            self.client.submit_generate(prompts, self.sampling, meta)  # rows: scored there if reward.placement=rollout
+            sampling = self.sampling if self.seed_of is None else dataclasses.replace(self.sampling,
+                                                                                      seed=self.seed_of(i))
+            self.client.submit_generate(prompts, sampling, meta)  # rows: scored there if reward.placement=rollout
         self._in_flight = (i, meta, time.perf_counter(), self.engine_version)
         self.stats.generated += 1
 
     def _collect(self) -> Batch:
+        if self._ready is not None:
+            batch, self._ready = self._ready, None
+            return batch
         i, meta, t0, at_version = self._in_flight
         self._in_flight = None
         box = [self.client.collect() if self.client.ctx.is_controller else None]
@@ -121,6 +141,18 @@ class Schedule:
             self.after_sync(self.version)
         return stats
 
+    def checkpoint_state(self) -> tuple[dict, Batch | None]:
+        """(schedule state, the round to save with it or None), between two rounds; collective over the learner
+        pool. See the module doc: the round in flight is collected and returned if older weights generated it."""
+        assert self.version % self.m == 0, "checkpoints fall between rounds"
+        batch = None
+        if self._in_flight is not None and self._in_flight[3] != self.version:
+            batch = self._ready = self._collect()
+        stats = dataclasses.replace(self.stats, generated=self.version // self.m + (batch is not None),
+                                    staleness=list(self.stats.staleness),
+                                    off_policy_updates=list(self.stats.off_policy_updates))
+        return {"version": self.version, "stats": dataclasses.asdict(stats)}, batch
+
     # ----- the loop ----------------------------------------------------------------------------------------------
     def _minibatches(self, batch: Batch) -> list[Batch]:
         """The round split prompt-wise into M mini-batches of equal prompt counts (samples keep their order)."""
@@ -130,10 +162,21 @@ class Schedule:
         return [Batch(batch.index * self.m + j, [s for s in batch.samples if j * per <= s.prompt_index < (j + 1) * per],
                       batch.meta, batch.gen_seconds, batch.requested_at_version, j) for j in range(self.m)]
 
-    def run(self, train: Callable[[Batch], dict], on_step: Callable[[Batch, dict], None] | None = None) -> ScheduleStats:
+    def run(self, train: Callable[[Batch], dict], on_step: Callable[[Batch, dict], bool | None] | None = None,
+            ready: Batch | None = None) -> ScheduleStats:
+        """Train from the current version to ``steps``. ``ready``: the round a resumed checkpoint saved. ``on_step``
+        returning True after a round's last mini-batch ends the run there (a stop signal; the caller checkpointed)."""
         m = self.m
-        self._submit(0)
-        for i in range(self.rounds):
+        start = self.version // m
+        if start >= self.rounds:  # resumed from the last round's checkpoint
+            return self.stats
+        if ready is not None:
+            self._ready = ready
+        else:
+            if self.engine_version != self.version:  # resumed: push the weights this round is generated with
+                self._sync()
+            self._submit(start)
+        for i in range(start, self.rounds):
             batch = self._collect()
             generated_by = min(s.version for s in batch.samples)
             lag = self.version - generated_by  # updates, a whole number of rounds
@@ -165,10 +208,13 @@ class Schedule:
                 if nxt < self.rounds and not overlap and mb.minibatch == m - 1:
                     sync_stats = {**sync_stats, **self._sync()}
                     self._submit(nxt)
-                if on_step:
-                    on_step(mb, {**metrics, **sync_stats, "staleness": staleness, "off_policy_updates": off,
-                                 "minibatch": mb.minibatch, "train_s": train_s, "batch_version": generated_by,
-                                 "gen_s": batch.gen_seconds if mb.minibatch == 0 else 0.0, "version": self.version})
+                stop = on_step and on_step(mb, {**metrics, **sync_stats, "staleness": staleness,
+                                                "off_policy_updates": off, "minibatch": mb.minibatch,
+                                                "train_s": train_s, "batch_version": generated_by,
+                                                "gen_s": batch.gen_seconds if mb.minibatch == 0 else 0.0,
+                                                "version": self.version})
+                if stop and mb.minibatch == m - 1:
+                    return self.stats
                 sync_stats = {}
         if not (self.stats.generated == self.rounds and self.stats.trained == self.steps):
             raise RuntimeError(f"schedule accounting broken: generated {self.stats.generated} rounds of "

@@ -81,6 +81,9 @@ def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int |
     from megatron_async_rlhf.rollout.server import serve
     from megatron_async_rlhf.rollout.engine import EngineSettings
 
+    from megatron_async_rlhf.preemption import install_handlers
+
+    install_handlers()  # a first SIGTERM/SIGINT stops the run after its current step, checkpointed
     cfg = run_config_from_dict(cfg_dict)
     ctx = setup(cfg.cluster, session, world_size)
     if ctx is None:
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     results = run_distributed(cfg.cluster.world, job, dataclasses.asdict(cfg), model_path, default_group=False,
-                              timeout_s=24 * 3600)
+                              timeout_s=24 * 3600, stop_grace_s=cfg.checkpoint.grace_s)
     summary = results[0]
     if summary is None:
         return 0

@@ -1,4 +1,5 @@
-"""The learner pool's side of a run: data, warm start, reference model, the schedule, evaluation, exports."""
+"""The learner pool's side of a run: data, warm start, reference model, the schedule, evaluation, exports,
+checkpoints and resume (``run_state.py``), stopping on a signal (``preemption.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_async_rlhf import run_state
 from megatron_async_rlhf.config import RunConfig
 from megatron_async_rlhf.data.tasks import Row, load_rows, tokenize_prompts
 
@@ -31,13 +33,20 @@ class Trainer:
         self.train_ids, self.eval_ids = (tokenize_prompts(self.tok, rows, d.max_prompt_len, d.use_chat_template,
                                                           d.prompt_template) for rows in (self.train_rows, self.eval_rows))
         self.rng = random.Random(cfg.seed)
+        self.cursor = run_state.DataCursor(self.rng)
+        self.resume_path = run_state.find_resume(cfg) if cfg.mode == "rl" else ""
+        self.resume = run_state.read_run_state(self.resume_path) if self.resume_path else None
+        if cfg.mode == "rl" and not self.resume and ctx.is_controller:
+            run_state.clear_checkpoints(cfg.logging.out_dir)
         self.metrics = None
         if ctx.is_controller:
             from megatron_async_rlhf.metrics import Metrics
 
             self.metrics = Metrics(cfg.logging.out_dir, dataclasses.asdict(cfg), cfg.logging.wandb_mode,
-                                   cfg.logging.wandb_project, cfg.algorithm.steps)
+                                   cfg.logging.wandb_project, cfg.algorithm.steps,
+                                   resume=self.resume["metrics"] if self.resume else None)
         self._evaluator = None
+        self.last_checkpoint = ""
         self.reward_fn = None
         if ctx.is_controller:  # scores what arrives unscored (reward.placement=controller; evaluation)
             from megatron_async_rlhf.rewards.placement import RewardFn
@@ -94,19 +103,22 @@ class Trainer:
 
     def evaluate(self, client, step: int) -> dict | None:
         """Greedy pass@1 on the held-out prompts (controller only), logged and written row by row."""
-        from megatron_async_rlhf.evaluation import Evaluator
-
         if not self.ctx.is_controller:
             return None
+        out = self.evaluator().run(client, step)
+        self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
+        return out
+
+    def evaluator(self):
+        from megatron_async_rlhf.evaluation import Evaluator
+
         if self._evaluator is None:
             self._evaluator = Evaluator(self.eval_ids, self.eval_rows,
                                         lambda samples, rows: self.rewards(samples, rows, penalties=False), self.tok,
                                         self.cfg.logging.out_dir, self.cfg.eval_max_new_tokens, self.stops,
                                         judge=self._eval_judge(), against_answers=self.cfg.eval.win_rate_against
                                         == "answers")
-        out = self._evaluator.run(client, step)
-        self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
-        return out
+        return self._evaluator
 
     def _eval_judge(self):
         """eval.judge: a registry judge, the run's reward model (``reward_model``), or a reward model directory."""
@@ -127,6 +139,7 @@ class Trainer:
         from megatron_async_rlhf.learner.model import build_model
         from megatron_async_rlhf.learner.step import rl_step
         from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
+        from megatron_async_rlhf.preemption import stop_agreed
         from megatron_async_rlhf.rollout.client import RolloutClient
         from megatron_async_rlhf.rollout.engine import SamplingSettings
         from megatron_async_rlhf.schedule import Schedule
@@ -139,25 +152,37 @@ class Trainer:
         client = RolloutClient(self.ctx)  # waits for the engines
         summary: dict = {}
         try:
-            if cfg.sft.steps:
+            if cfg.sft.steps and not self.resume:
                 self.warm_start(ddp, opt, mcfg.vocab_size)
             if cfg.mode == "sft":
                 self.export(model, info, mcfg, "final")
                 return {"mode": "sft", "steps": cfg.sft.steps} if self.ctx.is_controller else None
+            ref, _ = build_model(mcfg, dtype=cfg.learner.params_dtype, init=False)  # frozen copy of the starting policy
+            ref.requires_grad_(False)
+            evaluated, ready, sched_state = [0], None, None
+            if self.resume:  # policy, optimizer, reference, RNG, data cursor, schedule, evaluation as checkpointed
+                _, cursor, ready = run_state.load(self.resume_path, model, opt, ref)
+                self.rng.setstate(cursor)
+                sched_state, ev = self.resume["schedule"], self.resume["evaluation"]
+                evaluated[0], acc0 = ev["last_version"], ev["before"]
+                if self.ctx.is_controller:
+                    self.evaluator().first = ev["first"]
+            else:
+                ref.load_state_dict(model.state_dict())
             for g in opt.param_groups:
                 g["lr"] = ac.lr
-            ref, _ = build_model(mcfg, dtype=cfg.learner.params_dtype, init=False)  # frozen copy of the starting policy
-            ref.load_state_dict(model.state_dict())
-            ref.requires_grad_(False)
-            client.sync_weights(model, info, mcfg, 0)
-            acc0 = self.evaluate(client, 0)
+            if not self.resume:
+                client.sync_weights(model, info, mcfg, 0)
+                acc0 = self.evaluate(client, 0)
             k = ac.samples_per_prompt
             from megatron_async_rlhf.learner.critic import build_critic  # PPO's value model; None without one
 
             critic = build_critic(cfg, mcfg, model) if ac.critic else None
+            if self.resume and critic is not None:
+                run_state.load_critic(self.resume_path, critic)
 
             def prompts_for(i):  # round i: off_policy_n mini-batches' prompts
-                idx = [self.rng.randrange(len(self.train_rows)) for _ in range(ac.prompts_per_step * ac.off_policy_n)]
+                idx = self.cursor.draw(i, ac.prompts_per_step * ac.off_policy_n, len(self.train_rows))
                 return [self.train_ids[j] for j in idx], [self.train_rows[j] for j in idx]
 
             def train(batch):
@@ -171,8 +196,13 @@ class Trainer:
                                                                if isinstance(v, (int, float))})
                 if cfg.logging.save_every and (batch.index + 1) % cfg.logging.save_every == 0:
                     self.export(model, info, mcfg, f"step_{batch.index + 1}")
-
-            evaluated = [0]
+                if m["minibatch"] != ac.off_policy_n - 1:  # checkpoints and stops fall between rounds
+                    return False
+                stop = stop_agreed(self.ctx.store)  # a SIGTERM/SIGINT anywhere: every learner rank stops here
+                every = cfg.checkpoint.every
+                if stop or (every and (batch.index + 1) % every == 0):
+                    self.checkpoint(batch.index + 1, sched, model, opt, ref, info, mcfg, acc0, evaluated[0], critic)
+                return stop
 
             def eval_due(version):  # mid-run evaluations, every eval.every RL steps
                 every = cfg.eval.every
@@ -184,10 +214,16 @@ class Trainer:
                                         n=k, stop_token_ids=self.stops)
             sched = Schedule(client, ac.max_staleness, ac.steps, prompts_for, sampling,
                              sync=lambda v: client.sync_weights(model, info, mcfg, v),
-                             always_sync=ac.sync_every_step, after_sync=eval_due, off_policy_n=ac.off_policy_n)
+                             always_sync=ac.sync_every_step, after_sync=eval_due, off_policy_n=ac.off_policy_n,
+                             resume=sched_state, seed_of=lambda i: run_state.sampling_seed(cfg.seed, cfg.rollout.seed, i))
             t_rl = time.perf_counter()
-            stats = sched.run(train, on_step)
+            stats = sched.run(train, on_step, ready=ready)
             rl_seconds = time.perf_counter() - t_rl
+            if sched.version < ac.steps:  # stopped by a signal, checkpointed: no final evaluation or export
+                client.shutdown()
+                log.warning("stopped after RL step %d; continue with resume=auto", sched.version)
+                return {"stopped_after_step": sched.version, "checkpoint": self.last_checkpoint} \
+                    if self.ctx.is_controller else None
             client.sync_weights(model, info, mcfg, sched.version)
             acc1 = self.evaluate(client, ac.steps)
             self.export(model, info, mcfg, "final")
@@ -219,6 +255,19 @@ class Trainer:
             if self.metrics:
                 self.metrics.close()
         return summary if self.ctx.is_controller else None
+
+    def checkpoint(self, step: int, sched, model, opt, ref, info, mcfg, acc0, last_eval: int, critic=None) -> None:
+        """A full RL checkpoint after ``step`` (run_state.py); collective over the learner pool."""
+        sched_state, batch = sched.checkpoint_state()
+        run = {}
+        if self.ctx.is_controller:
+            run = {"schedule": sched_state, "metrics": self.metrics.state(), "config": dataclasses.asdict(self.cfg),
+                   "evaluation": {"before": acc0, "first": self.evaluator().first, "last_version": last_eval}}
+        # the data cursor: the prompt stream before the first batch the checkpoint does not hold
+        next_round = sched_state["version"] // self.cfg.algorithm.off_policy_n + (batch is not None)
+        self.last_checkpoint = run_state.save(self.cfg.logging.out_dir, step, self.cfg.checkpoint.keep, model, opt,
+                                              ref, info, mcfg.raw, run, self.cursor.state_before(next_round), batch,
+                                              critic)
 
     def export(self, model, info, mcfg, name: str) -> None:
         """HF safetensors + config + tokenizer of the current policy, written atomically."""

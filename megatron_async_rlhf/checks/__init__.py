@@ -14,6 +14,10 @@ def preflight(cfg, model_path: str, cuda: bool = False) -> None:
 
         return check_preferences(cfg, model_path, mc.max_position_embeddings, mc.vocab_size)
     check_data(cfg, model_path, mc.vocab_size)
+    if cfg.resume:  # the checkpoint exists and the config changes nothing that must not change
+        from megatron_async_rlhf.run_state import find_resume
+
+        find_resume(cfg)
 
 
 __all__ = ["preflight", "check_data", "check_model"]

@@ -1,8 +1,14 @@
-"""Megatron distributed checkpoints of the learner model: save at one TP/PP, load at any other.
+"""Megatron distributed checkpoints of the learner model (and optionally its optimizer): save at one TP/PP, load at
+any other.
 
 A checkpoint directory holds megatron-core's ``dist_checkpointing`` files plus ``hf_config.json`` (the HF config the
-model was built from) and ``mrlhf_meta.json`` (padded vocab, saved layout). Saves are atomic: written to a temporary
-sibling directory that is renamed into place once every rank has finished.
+model was built from) and ``mrlhf_meta.json`` (padded vocab, saved layout, whether optimizer state is in it). Saves
+are atomic: written to a temporary sibling directory that is renamed into place once every rank has finished (or,
+``atomic=False``, straight into a directory the caller renames itself: an RL checkpoint, ``run_state.py``).
+
+Optimizer state (Adam moments and step, fp32 main weights under mixed precision, learning rate) is sharded like the
+parameter it belongs to (megatron-core's ``optimizer.sharded_state_dict``; the distributed optimizer in its
+``fully_sharded_model_space`` format), so it reshards across TP/PP/DP like the weights.
 """
 
 from __future__ import annotations
@@ -20,26 +26,44 @@ META = "mrlhf_meta.json"
 HF_CONFIG = "hf_config.json"
 
 
-def save_model(model, info, hf_config_raw: dict, out_dir: str) -> None:
-    """All learner ranks call this together."""
+def _sharded(model, optimizer, nested: bool, is_loading: bool = False) -> dict:
+    """The sharded state dict to save or load: the model's alone (a weights-only checkpoint), or nested under
+    ``model`` next to the optimizer's (the layout of a checkpoint saved with an optimizer, also when only its weights
+    are loaded)."""
+    msd = model.sharded_state_dict()
+    if not nested:
+        return msd
+    out = {"model": msd}
+    if optimizer is not None:
+        out["optimizer"] = optimizer.sharded_state_dict(msd, is_loading=is_loading)
+    return out
+
+
+def save_model(model, info, hf_config_raw: dict, out_dir: str, optimizer=None, atomic: bool = True) -> None:
+    """All learner ranks call this together. With ``optimizer``, its state is saved too (see the module doc)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_async_rlhf.preemption import checkpoint_writer_dies_with_us
+
+    checkpoint_writer_dies_with_us()
     out_dir = os.path.abspath(out_dir)
     tmp = [out_dir + f".tmp-{os.getpid()}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(tmp, src=0)
-    tmp_dir = tmp[0]
+    tmp_dir = tmp[0] if atomic else out_dir
     if dist.get_rank() == 0:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), tmp_dir)
+    dist_checkpointing.save(_sharded(model, optimizer, nested=optimizer is not None), tmp_dir)
     dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(tmp_dir, HF_CONFIG), "w") as f:
             json.dump(hf_config_raw, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp_dir, META), "w") as f:
-            json.dump({"format": 1, "padded_vocab": info.padded_vocab, "saved_tp": info.tp, "saved_pp": info.pp}, f)
-        replace_dir(tmp_dir, out_dir)
+            json.dump({"format": 1, "padded_vocab": info.padded_vocab, "saved_tp": info.tp, "saved_pp": info.pp,
+                       "optimizer": optimizer is not None}, f)
+        if atomic:
+            replace_dir(tmp_dir, out_dir)
     dist.barrier()
 
 
@@ -52,16 +76,23 @@ def read_meta(ckpt_dir: str) -> dict:
         return json.load(f)
 
 
-def load_model(model, ckpt_dir: str) -> None:
-    """Load a checkpoint saved at any TP/PP into this rank's model stage (all learner ranks together)."""
+def load_model(model, ckpt_dir: str, optimizer=None) -> None:
+    """Load a checkpoint saved at any TP/PP into this rank's model stage (all learner ranks together); with
+    ``optimizer``, its state too (the checkpoint must have been saved with one)."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    nested = bool(read_meta(ckpt_dir).get("optimizer"))
+    if optimizer is not None and not nested:
+        raise ConfigError(f"{ckpt_dir} holds model weights only, no optimizer state to resume from")
+    state = dist_checkpointing.load(_sharded(model, optimizer, nested, is_loading=True), ckpt_dir)
+    # the model first: under mixed precision the optimizer's fp32 main weights are then copied from the checkpoint
+    missing, unexpected = model.load_state_dict(state["model"] if nested else state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt_dir} does not fit the model: missing {missing[:6]}, "
                            f"unexpected {unexpected[:6]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
 
 
 def checkpoint_vocab_fits(meta: dict, tp: int) -> None:

