@@ -242,6 +242,11 @@ class Trainer:
                            "train_s_mean": sum(r["train_s"] for r in rl) / len(rl),
                            "rl_seconds": rl_seconds,
                            "reward_last5": sum(r.get("reward_mean", 0) for r in rl[-5:]) / len(rl[-5:])}
+                if "win_rate" in acc1:  # eval.judge: judged win-rate against the starting policy, proxy vs judge
+                    summary.update(win_rate=acc1["win_rate"],
+                                   win_rate_ci95=[round(acc1["win_rate_lo95"], 4), round(acc1["win_rate_hi95"], 4)],
+                                   judge_mean_before=acc0.get("judge_mean"), judge_mean_after=acc1["judge_mean"],
+                                   reward_mean_before=acc0.get("reward_mean"), reward_mean_after=acc1["reward_mean"])
         except BaseException:
             log.exception("learner failed; stopping the rollout pool")
             try:
