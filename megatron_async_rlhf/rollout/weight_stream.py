@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
