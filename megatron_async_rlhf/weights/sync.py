@@ -107,7 +107,11 @@ def recv_buckets(channel, what: str, alloc: Callable[[int], torch.Tensor] | None
             return
         size = header_bytes(header)
         buf = alloc(size) if alloc is not None else torch.empty(size, dtype=torch.uint8)
-        yield header, channel.broadcast(buf, 0, what)
+        got = channel.broadcast(buf, 0, what)
+        if alloc is not None and got is not buf:  # GPU bridge: the bytes landed in a device copy; the caller's buffer
+            buf.copy_(got)  # (shared memory for vLLM's workers) must hold them. CUDA IPC handles would avoid this hop
+            got = buf
+        yield header, got
 
 
 def recv_stage(channel, what: str) -> tuple[list[tuple[str, torch.Tensor]], int]:
