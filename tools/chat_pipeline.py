@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """The chat pipeline on a real model, a miniature of the paper's gold / proxy reward-model protocol, in one command:
 
-    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1600] [--rm-steps 100] [--rl-steps 30]
+    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1600] [--rm-steps 80] [--rl-steps 30]
 
 1. **prompts**: 2160 open-ended chat requests made locally (``data/chat_prompts.py``; 200 held out for eval).
 2. **pairs**: two completions per training prompt sampled from SmolLM2-135M-Instruct (vLLM, temperature 1), labelled
    by the gold judge (VADER sentiment, ``rewards/judges.py``): the happier response is chosen, ties dropped. Written to
    ``<out>/preferences/{train,test}.jsonl`` (test: pairs on prompts the reward model never trains on).
 3. **proxy reward model**: ``mode=rm`` trains a Bradley-Terry reward model from SmolLM2 on the train pairs (Megatron
-   learner); its held-out pairwise accuracy against the gold labels is ``rm_accuracy``.
+   learner, bf16, two data-parallel ranks: one per core); its held-out pairwise accuracy against the gold labels is
+   ``rm_accuracy``.
 4. **RL**: ``recipe=smollm2_chat``: online DPO, k=2, against the proxy reward model, asynchronous (one step
    off-policy) and synchronous, same seed and steps.
 5. **eval** (inside each RL run, ``eval.judge=vader``): greedy completions of the 200 held-out prompts before, during
@@ -130,7 +131,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=1600, help="prompts sampled for reward-model training pairs")
     ap.add_argument("--rm-eval-pairs", type=int, default=160, help="prompts sampled for held-out RM accuracy")
     ap.add_argument("--pair-tokens", type=int, default=48, help="longest sampled response")
-    ap.add_argument("--rm-steps", type=int, default=100)
+    ap.add_argument("--rm-steps", type=int, default=80)
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous RL run")
     ap.add_argument("--seed", type=int, default=0)
@@ -150,7 +151,7 @@ def main() -> int:
                   "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs}",
                   f"data.eval_size={args.rm_eval_pairs}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
                   "rm.micro_batch=16", "rm.lr=1e-5", f"rm.eval_every={max(args.rm_steps // 4, 1)}",
-                  "learner.precision=bf16", f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled",
+                  "learner.precision=bf16", "cluster.learner_dp=2", f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled",
                   f"seed={args.seed}"], rm_log)
     acc = re.findall(r"rm_accuracy=([0-9.]+)", open(rm_log).read())
     rm_accuracy = float(acc[-1]) if acc else float("nan")
