@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -90,6 +91,7 @@ def run_main(args: list[str], log_path: str) -> str:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for line in proc.stdout:
             f.write(line)
+            f.flush()
             lines.append(line)
             if " rl " in line or "rm_accuracy" in line or "error" in line.lower() or "eval" in line:
                 print("    " + line.rstrip()[-200:], flush=True)
@@ -142,7 +144,11 @@ def main() -> int:
 
     if not os.path.exists(os.path.join(out, "preferences", "test.jsonl")):
         log(f"pairs: sampling 2 responses for {args.pairs + args.rm_eval_pairs} prompts, labelling with VADER")
-        log(f"pairs: {sample_pairs(out, args.pairs, args.rm_eval_pairs, args.pair_tokens, args.seed)}")
+        # in a child process: an in-process vLLM engine keeps its threads (and a core) busy after it is closed
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            stats = pool.apply(sample_pairs, (out, args.pairs, args.rm_eval_pairs, args.pair_tokens, args.seed))
+        log(f"pairs: {stats}")
     rm_dir = os.path.join(out, "rm")
     rm_final = os.path.join(rm_dir, "reward_model", "final")
     rm_log = os.path.join(out, "rm.log")
