@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The chat pipeline on a real model, a miniature of the paper's gold / proxy reward-model protocol, in one command:
 
-    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1600] [--rm-steps 80] [--rl-steps 30]
+    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1600] [--rm-steps 96] [--rl-steps 30]
 
 1. **prompts**: 2160 open-ended chat requests made locally (``data/chat_prompts.py``; 200 held out for eval).
 2. **pairs**: two completions per training prompt sampled from SmolLM2-135M-Instruct (vLLM, temperature 1), labelled
@@ -133,7 +133,8 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=1600, help="prompts sampled for reward-model training pairs")
     ap.add_argument("--rm-eval-pairs", type=int, default=160, help="prompts sampled for held-out RM accuracy")
     ap.add_argument("--pair-tokens", type=int, default=48, help="longest sampled response")
-    ap.add_argument("--rm-steps", type=int, default=80)
+    ap.add_argument("--rm-steps", type=int, default=96, help="about one epoch of the pairs at 16 a step")
+    ap.add_argument("--rm-lr", type=float, default=3e-5)
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous RL run")
     ap.add_argument("--seed", type=int, default=0)
@@ -156,7 +157,7 @@ def main() -> int:
         run_main(["mode=rm", "model.path=smollm2-135m-instruct", f"data.source={out}/preferences",
                   "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs}",
                   f"data.eval_size={args.rm_eval_pairs}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
-                  "rm.micro_batch=16", "rm.lr=1e-5", f"rm.eval_every={max(args.rm_steps // 4, 1)}",
+                  "rm.micro_batch=16", f"rm.lr={args.rm_lr}", f"rm.eval_every={max(args.rm_steps // 4, 1)}",
                   "learner.precision=bf16", "cluster.learner_dp=2", f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled",
                   f"seed={args.seed}"], rm_log)
     acc = re.findall(r"rm_accuracy=([0-9.]+)", open(rm_log).read())
