@@ -76,20 +76,27 @@ def _pin_cpus(ctx) -> None:
     log.info("rank %d (%s) pinned to cores %s (%d learner ranks)", ctx.role.rank, ctx.role.kind, mine, n_learn)
 
 
-def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int | None = None) -> dict | None:
+def join_launch(cfg_dict: dict, session: str, world_size: int | None):
+    """(config, this rank's cluster context, or None if the rank sits this session out), CPUs pinned on CPU."""
     from megatron_async_rlhf.cluster import setup
+
+    cfg = run_config_from_dict(cfg_dict)
+    ctx = setup(cfg.cluster, session, world_size)
+    if ctx is not None and cfg.pin_cpus and not torch.cuda.is_available():
+        _pin_cpus(ctx)
+    return cfg, ctx
+
+
+def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int | None = None) -> dict | None:
     from megatron_async_rlhf.rollout.server import serve
     from megatron_async_rlhf.rollout.engine import EngineSettings
 
     from megatron_async_rlhf.preemption import install_handlers
 
     install_handlers()  # a first SIGTERM/SIGINT stops the run after its current step, checkpointed
-    cfg = run_config_from_dict(cfg_dict)
-    ctx = setup(cfg.cluster, session, world_size)
+    cfg, ctx = join_launch(cfg_dict, session, world_size)
     if ctx is None:
         return None
-    if cfg.pin_cpus and not torch.cuda.is_available():
-        _pin_cpus(ctx)
     if ctx.role.kind == "reward":  # reward.placement=dedicated
         from megatron_async_rlhf.rewards.placement import serve_rewards
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_async_rlhf.algorithms.bradley_terry import bradley_terry_loss
-from megatron_async_rlhf.config import RunConfig, run_config_from_dict
+from megatron_async_rlhf.config import RunConfig
 
 log = logging.getLogger("megatron_async_rlhf")
 
@@ -45,15 +45,11 @@ def main(cfg: RunConfig, model_path: str) -> int:
 
 
 def job(cfg_dict: dict, model_path: str, session: str = "rm", world_size: int | None = None) -> dict | None:
-    from megatron_async_rlhf.cluster import setup
-    from megatron_async_rlhf.train import _pin_cpus
+    from megatron_async_rlhf.train import join_launch
 
-    cfg = run_config_from_dict(cfg_dict)
-    ctx = setup(cfg.cluster, session, world_size)
+    cfg, ctx = join_launch(cfg_dict, session, world_size)
     if ctx is None:
         return None
-    if cfg.pin_cpus and not torch.cuda.is_available():
-        _pin_cpus(ctx)
     return RewardModelTraining(cfg, ctx, model_path).run()
 
 
