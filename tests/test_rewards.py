@@ -60,6 +60,12 @@ def test_reward_model_scorer_on_a_local_classifier(tmp_path, tiny_models):
     # batching and padding do not change a score
     single = rm.score(["Q: 3+3= A:"], [" 7"])
     torch.testing.assert_close(single, scores[2:], atol=1e-5, rtol=0)
+    # reward.dtype=bfloat16: the same model in bf16 (weights and compute), equal to fp32 up to bf16 rounding
+    half = RewardModelScorer(str(tmp_path / "rm"), batch_size=2, dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    bf = half.score(["Q: 1+1= A:", "Q: 2+2= A:", "Q: 3+3= A:"], [" 2", " 4", " 7"])
+    assert bf.dtype == torch.float32 and not torch.equal(bf, scores)
+    torch.testing.assert_close(bf, scores, atol=0.05 * scores.abs().max().item() + 1e-2, rtol=0)
 
 
 def test_eval_intervals_against_hand_numbers():

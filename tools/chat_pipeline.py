@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """The chat pipeline on a real model, a miniature of the paper's gold / proxy reward-model protocol, in one command:
 
-    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1600] [--rm-steps 96] [--rl-steps 30]
+    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1800] [--rm-steps 160] [--rl-steps 30]
 
 1. **prompts**: 2160 open-ended chat requests made locally (``data/chat_prompts.py``; 200 held out for eval).
-2. **pairs**: two completions per training prompt sampled from SmolLM2-135M-Instruct (vLLM, temperature 1), labelled
-   by the gold judge (VADER sentiment, ``rewards/judges.py``): the happier response is chosen, ties dropped. Written to
-   ``<out>/preferences/{train,test}.jsonl`` (test: pairs on prompts the reward model never trains on).
+2. **pairs**: four completions per prompt sampled from SmolLM2-135M-Instruct (vLLM, bf16, temperature 1), paired
+   (1st, 2nd) and (3rd, 4th), labelled by the gold judge (VADER sentiment, ``rewards/judges.py``): the happier response
+   is chosen, ties dropped. Written to ``<out>/preferences/{train,test}.jsonl`` (test: pairs on 160 prompts the reward
+   model never trains on; both are random pairs, as the RL's k=2 pairs are).
 3. **proxy reward model**: ``mode=rm`` trains a Bradley-Terry reward model from SmolLM2 on the train pairs (Megatron
-   learner, bf16, two data-parallel ranks: one per core); its held-out pairwise accuracy against the gold labels is
-   ``rm_accuracy``.
+   learner, bf16, two data-parallel ranks: one per core, lr 1e-4 decaying linearly); its held-out pairwise accuracy
+   against the gold labels is ``rm_accuracy``.
 4. **RL**: ``recipe=smollm2_chat``: online DPO, k=2, against the proxy reward model, asynchronous (one step
    off-policy) and synchronous, same seed and steps.
 5. **eval** (inside each RL run, ``eval.judge=vader``): greedy completions of the 200 held-out prompts before, during
@@ -18,7 +19,9 @@
    steps for both runs (over-optimisation shows as proxy up while gold flattens).
 
 Each stage writes its outputs atomically and is skipped when they exist, so an interrupted pipeline continues where it
-stopped. Last line: ``rm_accuracy=.. win_rate_async=.. (lo-hi) win_rate_sync=.. (lo-hi) minutes=..``.
+stopped; ``<out>/minutes.json`` keeps each stage's minutes. Last line: ``rm_accuracy=.. win_rate_async=.. (lo-hi)
+win_rate_sync=.. (lo-hi) minutes=..`` (minutes: pairs + reward model + asynchronous RL, the pipeline itself; the
+synchronous run is the comparison, its minutes are in ``summary.json``).
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ def log(msg: str) -> None:
     print(f"[chat_pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, seed: int) -> dict:
-    """Stage 2: two sampled completions per prompt, gold-labelled, as preference JSONL (train / test prompts disjoint
-    from each other and from the RL eval prompts)."""
+def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, k: int, seed: int) -> dict:
+    """Stage 2: ``k`` sampled completions per prompt (bf16 engine), paired (0, 1), (2, 3), ... and gold-labelled, as
+    preference JSONL (train / test prompts disjoint from each other and from the RL eval prompts)."""
     from transformers import AutoTokenizer
 
     from megatron_async_rlhf.config import RolloutConfig
@@ -59,20 +62,21 @@ def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, s
     if n_train + n_test > len(train_prompts):
         raise SystemExit(f"--pairs {n_train} + --rm-eval-pairs {n_test} > {len(train_prompts)} training prompts")
     prompts = train_prompts[: n_train + n_test]
-    engine = RolloutEngine(EngineSettings(model, 1, RolloutConfig(max_model_len=256, kv_cache_gib=2.0, seed=seed,
-                                                                  extra={"max_num_batched_tokens": 32768})))
+    engine = RolloutEngine(EngineSettings(model, 1, RolloutConfig(dtype="bfloat16", max_model_len=256, kv_cache_gib=2.0,
+                                                                  seed=seed, extra={"max_num_batched_tokens": 32768})))
     t0 = time.perf_counter()
     samples = engine.generate([prompt_ids(tok, p, use_chat_template=True) for p in prompts],
-                              SamplingSettings(temperature=1.0, max_new_tokens=max_new_tokens, n=2,
+                              SamplingSettings(temperature=1.0, max_new_tokens=max_new_tokens, n=k,
                                                stop_token_ids=stop_token_ids(model, tok)))
     gen_s = time.perf_counter() - t0
-    texts = tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
-    first, second = texts[0::2], texts[1::2]
+    texts = tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)  # prompt-major, k per prompt
     tmp = os.path.join(out_dir, f"preferences.tmp-{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
     stats = {"sample_s": round(gen_s, 1), "tokens": sum(len(s.token_ids) for s in samples)}
-    for name, sl in (("train", slice(0, n_train)), ("test", slice(n_train, n_train + n_test))):
-        rows, ties = label_pairs("vader", prompts[sl], first[sl], second[sl])
+    for name, (lo, hi) in (("train", (0, n_train)), ("test", (n_train, n_train + n_test))):
+        idx = [(p, j) for p in range(lo, hi) for j in range(0, k - 1, 2)]  # disjoint pairs of one prompt's samples
+        rows, ties = label_pairs("vader", [prompts[p] for p, _ in idx], [texts[p * k + j] for p, j in idx],
+                                 [texts[p * k + j + 1] for p, j in idx])
         with open(os.path.join(tmp, f"{name}.jsonl"), "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -130,34 +134,51 @@ def plot(runs: dict[str, str], path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/chat_pipeline")
-    ap.add_argument("--pairs", type=int, default=1600, help="prompts sampled for reward-model training pairs")
-    ap.add_argument("--rm-eval-pairs", type=int, default=160, help="prompts sampled for held-out RM accuracy")
+    ap.add_argument("--pairs", type=int, default=1800, help="prompts sampled for reward-model training pairs")
+    ap.add_argument("--rm-eval-pairs", type=int, default=160, help="prompts sampled for held-out RM accuracy pairs")
     ap.add_argument("--pair-tokens", type=int, default=48, help="longest sampled response")
-    ap.add_argument("--rm-steps", type=int, default=96, help="about one epoch of the pairs at 16 a step")
-    ap.add_argument("--rm-lr", type=float, default=3e-5)
+    ap.add_argument("--samples-per-prompt", type=int, default=4, help="even: k/2 disjoint pairs per prompt")
+    ap.add_argument("--rm-steps", type=int, default=160, help="16 pairs a step (~0.75 epoch of ~3,500 pairs)")
+    ap.add_argument("--rm-lr", type=float, default=1e-4, help="peak; decays linearly to 0")
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous RL run")
     ap.add_argument("--seed", type=int, default=0)
     args, overrides = ap.parse_known_args()
+    if args.samples_per_prompt < 2 or args.samples_per_prompt % 2:
+        ap.error(f"--samples-per-prompt {args.samples_per_prompt}: use an even number >= 2 (disjoint pairs)")
+    per = args.samples_per_prompt // 2  # pairs per prompt
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    t0 = time.time()
+    timings_path = os.path.join(out, "minutes.json")  # per stage, kept across restarts (skipped stages keep theirs)
+    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+
+    def timed(stage: str, fn, *a):
+        t0 = time.time()
+        result = fn(*a)
+        timings[stage] = round((time.time() - t0) / 60, 1)
+        with open(timings_path, "w") as f:
+            json.dump(timings, f)
+        return result
+
+    def pairs_stage():
+        # in a child process: an in-process vLLM engine keeps its threads (and a core) busy after it is closed
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(sample_pairs, (out, args.pairs, args.rm_eval_pairs, args.pair_tokens,
+                                             args.samples_per_prompt, args.seed))
 
     if not os.path.exists(os.path.join(out, "preferences", "test.jsonl")):
-        log(f"pairs: sampling 2 responses for {args.pairs + args.rm_eval_pairs} prompts, labelling with VADER")
-        # in a child process: an in-process vLLM engine keeps its threads (and a core) busy after it is closed
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(1) as pool:
-            stats = pool.apply(sample_pairs, (out, args.pairs, args.rm_eval_pairs, args.pair_tokens, args.seed))
-        log(f"pairs: {stats}")
+        log(f"pairs: sampling {args.samples_per_prompt} responses for {args.pairs + args.rm_eval_pairs} prompts, "
+            "labelling with VADER")
+        log(f"pairs: {timed('pairs', pairs_stage)}")
     rm_dir = os.path.join(out, "rm")
     rm_final = os.path.join(rm_dir, "reward_model", "final")
     rm_log = os.path.join(out, "rm.log")
     if not os.path.exists(os.path.join(rm_final, "config.json")):
-        run_main(["mode=rm", "model.path=smollm2-135m-instruct", f"data.source={out}/preferences",
-                  "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs}",
-                  f"data.eval_size={args.rm_eval_pairs}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
-                  "rm.micro_batch=16", f"rm.lr={args.rm_lr}", f"rm.eval_every={max(args.rm_steps // 4, 1)}",
+        timed("rm", run_main, ["mode=rm", "model.path=smollm2-135m-instruct", f"data.source={out}/preferences",
+                  "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs * per}",
+                  f"data.eval_size={args.rm_eval_pairs * per}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
+                  "rm.micro_batch=16", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
+                  f"rm.eval_every={max(args.rm_steps // 4, 1)}",
                   "learner.precision=bf16", "cluster.learner_dp=2", f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled",
                   f"seed={args.seed}"], rm_log)
     acc = re.findall(r"rm_accuracy=([0-9.]+)", open(rm_log).read())
@@ -170,11 +191,13 @@ def main() -> int:
     for name, run_dir in runs.items():
         if os.path.exists(os.path.join(run_dir, "policy", "final", "config.json")):
             continue
-        run_main(["recipe=smollm2_chat", f"reward.reward_model_path={rm_final}", f"algorithm.steps={args.rl_steps}",
+        timed(f"rl_{name}", run_main, ["recipe=smollm2_chat", f"reward.reward_model_path={rm_final}", f"algorithm.steps={args.rl_steps}",
                   f"algorithm.max_staleness={1 if name == 'async' else 0}", f"logging.out_dir={run_dir}",
                   f"seed={args.seed}", *overrides], os.path.join(out, f"rl_{name}.log"))
     plot(runs, os.path.join(out, "curves.png"))
-    summary = {"rm_accuracy": rm_accuracy, "minutes": round((time.time() - t0) / 60, 1)}
+    # minutes: prompts -> pairs -> proxy RM -> asynchronous RL with its evals (the sync run is the comparison)
+    summary = {"rm_accuracy": rm_accuracy, "minutes": round(sum(timings.get(k, 0.0) for k in ("pairs", "rm", "rl_async")), 1),
+               "minutes_by_stage": timings}
     for name, run_dir in runs.items():
         first, last = eval_rows(run_dir)[0], eval_rows(run_dir)[-1]
         summary[name] = {k: round(last[k], 4) for k in ("win_rate", "win_rate_lo95", "win_rate_hi95", "judge_mean",
@@ -188,7 +211,7 @@ def main() -> int:
     for name in runs:
         s = summary[name]
         line += f" win_rate_{name}={s['win_rate']:.4f} ({s['win_rate_lo95']:.3f}-{s['win_rate_hi95']:.3f})"
-    print(f"{line} minutes={summary['minutes']}")
+    print(f"{line} minutes={summary['minutes']} (sync run: {timings.get('rl_sync', 0.0)})")
     return 0
 
 

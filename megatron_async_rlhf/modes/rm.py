@@ -163,7 +163,11 @@ class RewardModelTraining:
             acc0 = self.evaluate(model, 0, dp, dp_rank)
             t0 = time.perf_counter()
             for step in range(1, rc.steps + 1):
+                if rc.lr_schedule == "linear":
+                    for g in opt.param_groups:
+                        g["lr"] = rc.lr * (1.0 - (step - 1) / rc.steps)
                 m = bradley_terry_step(ddp, opt, self._next_batch()[dp_rank::dp], rc.micro_batch)
+                m["lr"] = opt.param_groups[0]["lr"]
                 if self.metrics:
                     self.metrics.log(step, "rm", **m)
                 if rc.eval_every and step % rc.eval_every == 0 and step < rc.steps:

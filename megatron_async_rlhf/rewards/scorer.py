@@ -14,5 +14,5 @@ def text_scorer(rc):
     if rc.kind == "reward_model":
         from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
 
-        return RewardModelScorer(rc.reward_model_path)
+        return RewardModelScorer(rc.reward_model_path, dtype=rc.dtype)
     return None
