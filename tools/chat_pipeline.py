@@ -179,7 +179,8 @@ def main() -> int:
                   f"data.eval_size={args.rm_eval_pairs * per}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
                   "rm.micro_batch=16", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
                   f"rm.eval_every={max(args.rm_steps // 4, 1)}",
-                  "learner.precision=bf16", "cluster.learner_dp=2", f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled",
+                  "learner.precision=bf16", "cluster.learner_dp=2", f"logging.out_dir={rm_dir}",
+                  "logging.wandb_mode=disabled",
                   f"seed={args.seed}"], rm_log)
     acc = re.findall(r"rm_accuracy=([0-9.]+)", open(rm_log).read())
     rm_accuracy = float(acc[-1]) if acc else float("nan")
@@ -191,12 +192,14 @@ def main() -> int:
     for name, run_dir in runs.items():
         if os.path.exists(os.path.join(run_dir, "policy", "final", "config.json")):
             continue
-        timed(f"rl_{name}", run_main, ["recipe=smollm2_chat", f"reward.reward_model_path={rm_final}", f"algorithm.steps={args.rl_steps}",
-                  f"algorithm.max_staleness={1 if name == 'async' else 0}", f"logging.out_dir={run_dir}",
-                  f"seed={args.seed}", *overrides], os.path.join(out, f"rl_{name}.log"))
+        rl_args = ["recipe=smollm2_chat", f"reward.reward_model_path={rm_final}", f"algorithm.steps={args.rl_steps}",
+                   f"algorithm.max_staleness={1 if name == 'async' else 0}", f"logging.out_dir={run_dir}",
+                   f"seed={args.seed}", *overrides]
+        timed(f"rl_{name}", run_main, rl_args, os.path.join(out, f"rl_{name}.log"))
     plot(runs, os.path.join(out, "curves.png"))
     # minutes: prompts -> pairs -> proxy RM -> asynchronous RL with its evals (the sync run is the comparison)
-    summary = {"rm_accuracy": rm_accuracy, "minutes": round(sum(timings.get(k, 0.0) for k in ("pairs", "rm", "rl_async")), 1),
+    minutes = sum(timings.get(k, 0.0) for k in ("pairs", "rm", "rl_async"))
+    summary = {"rm_accuracy": rm_accuracy, "minutes": round(minutes, 1),
                "minutes_by_stage": timings}
     for name, run_dir in runs.items():
         first, last = eval_rows(run_dir)[0], eval_rows(run_dir)[-1]
