@@ -387,9 +387,10 @@ class RewardConfig:
     """math (verifiable final answer) | reward_model (an HF sequence classifier at reward_model_path) | judge (a
     programmatic judge from ``rewards/judges.py``, named by ``judge``)"""
     reward_model_path: str = ""
-    dtype: str = "float32"
-    """reward.kind=reward_model: the classifier's compute dtype, float32 | bfloat16 (half the memory; on a CPU with
-    AVX512-bf16 about 3x faster scoring; scores differ from fp32 by bf16 rounding, ~1e-2)."""
+    dtype: str = "auto"
+    """reward.kind=reward_model: the classifier's weights and compute dtype: auto (as its checkpoint is saved) |
+    float32 | bfloat16 (half fp32's memory; on a CPU with AVX512-bf16 about 3x faster scoring than fp32; scores differ
+    from fp32 by bf16 rounding, ~1e-2)."""
     judge: str = "vader"
     """reward.kind=judge: the judge's name (``rewards.judges.JUDGES``), e.g. vader (VADER sentiment compound of the
     completion, in [-1, 1])."""
@@ -511,8 +512,8 @@ class RunConfig:
         if self.reward.placement != "dedicated" and cl.reward_ranks:
             raise ConfigError(f"cluster.reward_ranks={cl.reward_ranks} with reward.placement={self.reward.placement}: "
                               "those ranks would sit idle. Fix: reward.placement=dedicated or cluster.reward_ranks=0")
-        if self.reward.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"reward.dtype={self.reward.dtype!r}: use float32 or bfloat16")
+        if self.reward.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"reward.dtype={self.reward.dtype!r}: use auto, float32 or bfloat16")
         if self.reward.kind == "reward_model" and not self.reward.reward_model_path:
             raise ConfigError("reward.kind=reward_model needs reward.reward_model_path")
         if self.mode != "rm" and self.reward.kind == "math" and not self.data.answer_key:

@@ -77,7 +77,7 @@ def test_placements_off_the_learner_score_like_the_controller(ppool, tiny_models
     (["reward.placement=gpu0"], "reward.placement='gpu0'"),
     (["reward.placement=dedicated"], "set cluster.reward_ranks=1"),
     (["cluster.reward_ranks=1"], "those ranks would sit idle"),
-    (["reward.dtype=fp16"], "reward.dtype='fp16': use float32 or bfloat16"),
+    (["reward.dtype=fp16"], "reward.dtype='fp16': use auto, float32 or bfloat16"),
     (["mode=rm", "rm.lr_schedule=cosine"], "rm.lr_schedule='cosine': use constant or linear"),
 ])
 def test_bad_placements_are_named(overrides, message):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The chat pipeline on a real model, a miniature of the paper's gold / proxy reward-model protocol, in one command:
 
-    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1800] [--rm-steps 160] [--rl-steps 30]
+    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1800] [--rm-steps 300] [--rl-steps 30]
 
 1. **prompts**: 2160 open-ended chat requests made locally (``data/chat_prompts.py``; 200 held out for eval).
 2. **pairs**: four completions per prompt sampled from SmolLM2-135M-Instruct (vLLM, bf16, temperature 1), paired
@@ -138,7 +138,7 @@ def main() -> int:
     ap.add_argument("--rm-eval-pairs", type=int, default=160, help="prompts sampled for held-out RM accuracy pairs")
     ap.add_argument("--pair-tokens", type=int, default=48, help="longest sampled response")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="even: k/2 disjoint pairs per prompt")
-    ap.add_argument("--rm-steps", type=int, default=160, help="16 pairs a step (~0.75 epoch of ~3,500 pairs)")
+    ap.add_argument("--rm-steps", type=int, default=300, help="16 pairs a step (~1.35 epochs of ~3,500 pairs)")
     ap.add_argument("--rm-lr", type=float, default=1e-4, help="peak; decays linearly to 0")
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous RL run")

@@ -15,14 +15,15 @@ import torch
 
 class RewardModelScorer:
     def __init__(self, path: str, device: str | None = None, batch_size: int = 16, max_length: int = 1024,
-                 dtype: str = "float32"):
+                 dtype: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = AutoTokenizer.from_pretrained(path)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=getattr(torch, dtype))
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))  # auto: the checkpoint's dtype
         self.model = self.model.to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {path} has num_labels={self.model.config.num_labels}; a reward model has "
