@@ -115,8 +115,11 @@ def plot(runs: dict[str, str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (gold, proxy) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (gold, proxy, kl) = plt.subplots(1, 3, figsize=(15, 4))
     for name, run_dir in runs.items():
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            train = [r for r in map(json.loads, f) if r["phase"] == "rl" and "kl_ref" in r]
+        kl.plot([r["step"] for r in train], [r["kl_ref"] for r in train], label=f"{name}: KL to the reference")
         rows = eval_rows(run_dir)
         steps = [r["step"] for r in rows]
         gold.plot(steps, [r["judge_mean"] for r in rows], marker="o", label=f"{name}: gold (VADER) mean")
@@ -124,7 +127,8 @@ def plot(runs: dict[str, str], path: str) -> None:
         proxy.plot(steps, [r["reward_mean"] for r in rows], marker="o", label=f"{name}: proxy RM mean")
     gold.set(xlabel="RL step", title="gold judge on held-out prompts (greedy)")
     proxy.set(xlabel="RL step", title="proxy reward model on the same completions")
-    for ax in (gold, proxy):
+    kl.set(xlabel="RL step", title="KL to the reference on sampled tokens (nats/sequence)")
+    for ax in (gold, proxy, kl):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
