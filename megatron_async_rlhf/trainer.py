@@ -130,7 +130,8 @@ class Trainer:
         if name == "reward_model" or "/" in name:
             from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
 
-            rm = RewardModelScorer(self.cfg.reward.reward_model_path if name == "reward_model" else name)
+            rm = (RewardModelScorer(self.cfg.reward.reward_model_path, dtype=self.cfg.reward.dtype)
+                  if name == "reward_model" else RewardModelScorer(name))
             return lambda prompts, completions: rm.score(prompts, completions).tolist()
         return get_judge(name)
 
@@ -138,7 +139,7 @@ class Trainer:
         from megatron_async_rlhf.learner.jobs import model_from_hf
         from megatron_async_rlhf.learner.model import build_model
         from megatron_async_rlhf.learner.step import rl_step
-        from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
+        from megatron_async_rlhf.learner.train import OptimConfig, set_lr, wrap_for_training
         from megatron_async_rlhf.preemption import stop_agreed
         from megatron_async_rlhf.rollout.client import RolloutClient
         from megatron_async_rlhf.rollout.engine import SamplingSettings
@@ -169,8 +170,7 @@ class Trainer:
                     self.evaluator().first = ev["first"]
             else:
                 ref.load_state_dict(model.state_dict())
-            for g in opt.param_groups:
-                g["lr"] = ac.lr
+            set_lr(opt, ac.lr)
             if not self.resume:
                 client.sync_weights(model, info, mcfg, 0)
                 acc0 = self.evaluate(client, 0)

@@ -372,9 +372,8 @@ def test_mode_rm_learns_a_preference_and_exports(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", "mode=rm", f"data.source={tmp_path}",
                         f"logging.out_dir={out}", "logging.wandb_mode=disabled", "pin_cpus=false",
-                        "cluster.learner_dp=2", "rm.steps=30", "rm.eval_every=15", "rm.lr=2e-3", "rm.lr_schedule=linear",
-                        "rm.batch_size=16",
-                        "rm.micro_batch=8", "data.eval_size=64"],
+                        "cluster.learner_dp=2", "rm.steps=30", "rm.eval_every=15", "rm.lr=2e-3",
+                        "rm.lr_schedule=linear", "rm.batch_size=16", "rm.micro_batch=8", "data.eval_size=64"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]

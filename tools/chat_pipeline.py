@@ -178,14 +178,13 @@ def main() -> int:
     rm_final = os.path.join(rm_dir, "reward_model", "final")
     rm_log = os.path.join(out, "rm.log")
     if not os.path.exists(os.path.join(rm_final, "config.json")):
-        timed("rm", run_main, ["mode=rm", "model.path=smollm2-135m-instruct", f"data.source={out}/preferences",
-                  "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs * per}",
-                  f"data.eval_size={args.rm_eval_pairs * per}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
-                  "rm.micro_batch=16", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
-                  f"rm.eval_every={max(args.rm_steps // 4, 1)}",
-                  "learner.precision=bf16", "cluster.learner_dp=2", f"logging.out_dir={rm_dir}",
-                  "logging.wandb_mode=disabled",
-                  f"seed={args.seed}"], rm_log)
+        rm_args = ["mode=rm", "model.path=smollm2-135m-instruct", f"data.source={out}/preferences",
+                   "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs * per}",
+                   f"data.eval_size={args.rm_eval_pairs * per}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
+                   "rm.micro_batch=16", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
+                   f"rm.eval_every={max(args.rm_steps // 4, 1)}", "learner.precision=bf16", "cluster.learner_dp=2",
+                   f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled", f"seed={args.seed}"]
+        timed("rm", run_main, rm_args, rm_log)
     acc = re.findall(r"rm_accuracy=([0-9.]+)", open(rm_log).read())
     rm_accuracy = float(acc[-1]) if acc else float("nan")
     log(f"proxy reward model: held-out accuracy vs gold labels {rm_accuracy:.3f}")

@@ -24,7 +24,7 @@ from megatron_async_rlhf import algorithms as A
 from megatron_async_rlhf.config import AlgorithmConfig
 from megatron_async_rlhf.learner.critic import gae_advantages
 from megatron_async_rlhf.learner.forward import forward_collect, pad_batch
-from megatron_async_rlhf.learner.train import from_last_stage, train_step
+from megatron_async_rlhf.learner.train import from_last_stage, set_lr, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -138,8 +138,7 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
     ``critic``: PPO's value model (``learner/critic.py``): GAE advantages, and a critic step after each update."""
     samples, k = batch.samples, ac.samples_per_prompt
     if ac.lr_schedule == "linear":  # batch.index: the optimizer step this mini-batch is trained at
-        for g in opt.param_groups:
-            g["lr"] = ac.lr * (1.0 - batch.index / ac.steps)
+        set_lr(opt, ac.lr, "linear", batch.index, ac.steps)
     r = rewards.view(-1, k)  # [P, k]
     metrics: dict = {"reward_mean": rewards.mean().item()}
     dpo = ac.name == "online_dpo"

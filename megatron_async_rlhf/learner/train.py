@@ -54,6 +54,16 @@ def wrap_for_training(model, oc: OptimConfig):
     return ddp, get_megatron_optimizer(ocfg, [ddp])
 
 
+def set_lr(opt, lr: float, schedule: str = "constant", done: int = 0, total: int = 1) -> float:
+    """Set the optimizer's learning rate for its next step and return it: ``lr`` (constant), or ``lr`` decayed
+    linearly to 0 over ``total`` steps after ``done`` of them (linear)."""
+    if schedule == "linear":
+        lr = lr * (1.0 - done / total)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
 def from_last_stage(obj):
     """``obj`` as the last pipeline stage holds it, on every stage (the controller, a first-stage rank, logs it)."""
     from megatron.core import parallel_state as ps

@@ -151,7 +151,7 @@ class RewardModelTraining:
 
     def run(self) -> dict | None:
         from megatron_async_rlhf.learner.parallel import ranks
-        from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
+        from megatron_async_rlhf.learner.train import OptimConfig, set_lr, wrap_for_training
         from megatron_async_rlhf.learner.value_head import value_model_from_hf
 
         cfg, rc = self.cfg, self.cfg.rm
@@ -163,11 +163,9 @@ class RewardModelTraining:
             acc0 = self.evaluate(model, 0, dp, dp_rank)
             t0 = time.perf_counter()
             for step in range(1, rc.steps + 1):
-                if rc.lr_schedule == "linear":
-                    for g in opt.param_groups:
-                        g["lr"] = rc.lr * (1.0 - (step - 1) / rc.steps)
+                lr = set_lr(opt, rc.lr, rc.lr_schedule, step - 1, rc.steps)
                 m = bradley_terry_step(ddp, opt, self._next_batch()[dp_rank::dp], rc.micro_batch)
-                m["lr"] = opt.param_groups[0]["lr"]
+                m["lr"] = lr
                 if self.metrics:
                     self.metrics.log(step, "rm", **m)
                 if rc.eval_every and step % rc.eval_every == 0 and step < rc.steps:
