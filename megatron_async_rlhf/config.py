@@ -273,9 +273,12 @@ class RMConfig:
     steps: int = 100
     """Optimizer steps."""
     batch_size: int = 16
-    """Preference pairs per optimizer step, over all learner data-parallel replicas."""
+    """Comparison groups per optimizer step, over all learner data-parallel replicas: a group is the pairs that share
+    a response (all the comparisons among one prompt's responses), so with one pair per prompt it is pairs. The loss
+    is the mean over the batch's pairs."""
     micro_batch: int = 16
-    """Sequences per micro-batch (two per pair: a pair's chosen and rejected always share one)."""
+    """Distinct sequences per micro-batch (a response in several pairs is forwarded once); a group is never split, and
+    a group with more sequences gets a micro-batch of its own."""
     lr: float = 1e-5
     lr_schedule: str = "constant"
     """constant | linear (decay from ``lr`` to 0 over ``steps``)."""
@@ -291,10 +294,10 @@ class RMConfig:
         for k in ("steps", "batch_size", "micro_batch"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"rm.{k}={getattr(self, k)} must be >= 1")
-        if self.micro_batch % 2:
-            raise ConfigError(f"rm.micro_batch={self.micro_batch} must be even: a pair's two sequences share one")
+        if self.micro_batch < 2:
+            raise ConfigError(f"rm.micro_batch={self.micro_batch} must be >= 2: a pair's two sequences share one")
         if self.batch_size % learner_dp:
-            raise ConfigError(f"rm.batch_size={self.batch_size} pairs do not split over cluster.learner_dp="
+            raise ConfigError(f"rm.batch_size={self.batch_size} comparison groups do not split over cluster.learner_dp="
                               f"{learner_dp} data-parallel replicas")
         if self.eval_every < 0 or self.max_len < 0 or self.lr <= 0:
             raise ConfigError("rm.eval_every and rm.max_len must be >= 0 and rm.lr > 0")

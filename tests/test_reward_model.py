@@ -120,41 +120,123 @@ def test_exported_reward_model_scores_equal_the_learner(pool, exported, preset, 
     torch.testing.assert_close(again, hf, atol=ATOL, rtol=0)
 
 
-def _step_job(hf_dir, tp, pp, pairs, micro_batch):
+def _step_job(hf_dir, tp, pp, groups, micro_batch):
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
     from megatron_async_rlhf.learner.value_head import value_model_from_hf
     from megatron_async_rlhf.modes.rm import bradley_terry_step
 
     _, model, _ = value_model_from_hf(hf_dir, tp, pp, dtype=torch.float32)
     ddp, opt = wrap_for_training(model, OptimConfig(lr=1e-3, clip_grad=1e9))  # a clip that never bites: the norm
-    return bradley_terry_step(ddp, opt, pairs, micro_batch)
+    return bradley_terry_step(ddp, opt, groups, micro_batch)
+
+
+def _split_step_job(hf_dir, tp, pp, groups, micro_batch):
+    """As mode=rm splits a batch: data-parallel replica r trains on groups[r::dp], weighted by all replicas' pairs."""
+    from megatron_async_rlhf.learner.parallel import ranks
+    from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
+    from megatron_async_rlhf.learner.value_head import value_model_from_hf
+    from megatron_async_rlhf.modes.rm import bradley_terry_step
+
+    _, model, _ = value_model_from_hf(hf_dir, tp, pp, dtype=torch.float32)
+    ddp, opt = wrap_for_training(model, OptimConfig(lr=1e-3, clip_grad=1e9))
+    r = ranks()
+    return bradley_terry_step(ddp, opt, groups[r["dp_rank"]::r["dp"]], micro_batch, sum(map(len, groups)))
+
+
+def _transformers_step(rm_dir, pairs):
+    """Bradley-Terry loss, accuracy and grad norm of ``pairs`` through transformers' classifier (every sequence of
+    every pair forwarded on its own row: the independent reference of the learner's de-duplicated step)."""
+    from transformers import LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32)
+    tokens, mask = right_padded([s for p in pairs for s in (p.chosen, p.rejected)], 2 * len(pairs))
+    v = model(input_ids=tokens, attention_mask=mask.long()).logits[:, 0]
+    loss, m = bradley_terry_loss(v[0::2], v[1::2], torch.tensor([p.margin for p in pairs]))
+    loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return loss.item(), m["accuracy"].item(), grad_norm.item()
+
+
+def _more_seqs(rm_dir, lengths, seed=1):
+    vocab = json.load(open(os.path.join(rm_dir, "config.json")))["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (k,), generator=g).tolist() for k in lengths]
 
 
 @pytest.mark.multiproc
 def test_one_training_step_matches_transformers_loss_and_gradient(pool, exported):
     """Loss and gradient norm of one Bradley-Terry step at TP1, TP2 and PP2 (5 pairs in micro-batches of 2 pairs,
-    one of them half padding) against transformers' classifier with the same weights (an independent backward)."""
-    from transformers import LlamaForSequenceClassification
-
+    the last one a single pair, shapes differing) against transformers' classifier with the same weights (an
+    independent backward)."""
     from megatron_async_rlhf.data.preferences import TokenizedPair
 
     rm_dir, seqs, _ = exported["tiny-gqa"]
-    vocab = json.load(open(os.path.join(rm_dir, "config.json")))["vocab_size"]
-    g = torch.Generator().manual_seed(1)
-    extra = [torch.randint(4, vocab, (k,), generator=g).tolist() for k in (4, 7, 9, 5)]
-    pool_of = seqs + extra  # 10 sequences: 5 pairs
+    pool_of = seqs + _more_seqs(rm_dir, (4, 7, 9, 5))  # 10 sequences: 5 pairs
     pairs = [TokenizedPair(pool_of[2 * i], pool_of[2 * i + 1], 0.25 * i) for i in range(5)]
-    model = LlamaForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32)
-    tokens, mask = right_padded([s for p in pairs for s in (p.chosen, p.rejected)], 10)
-    v = model(input_ids=tokens, attention_mask=mask.long()).logits[:, 0]
-    loss, m = bradley_terry_loss(v[0::2], v[1::2], torch.tensor([p.margin for p in pairs]))
-    loss.backward()
-    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    loss, acc, grad_norm = _transformers_step(rm_dir, pairs)
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        out = pool.run(_step_job, rm_dir, tp, pp, pairs, 4)[0]  # loss, accuracy, grad norm: the same on every rank
-        assert abs(out["loss"] - loss.item()) < ATOL, (tp, pp, out, loss.item())
-        assert abs(out["accuracy"] - m["accuracy"].item()) < 1e-6
-        assert abs(out["grad_norm"] - grad_norm.item()) < 1e-4 * grad_norm.item(), (tp, pp, out, grad_norm.item())
+        out = pool.run(_step_job, rm_dir, tp, pp, [[p] for p in pairs], 4)[0]  # the same on every rank
+        assert abs(out["loss"] - loss) < ATOL, (tp, pp, out, loss)
+        assert abs(out["accuracy"] - acc) < 1e-6
+        assert abs(out["grad_norm"] - grad_norm) < 1e-4 * grad_norm, (tp, pp, out, grad_norm)
+        dp = 4 // (tp * pp)  # the pool's 4 ranks: each data-parallel replica trains on the same pairs here
+        assert out["pairs"] == 5 * dp and out["sequences"] == 10 * dp
+
+
+def test_comparison_groups_and_their_micro_batches():
+    """Pairs sharing a sequence form one group (connected through any shared response); a group's micro-batch holds
+    each sequence once, and its pair indices point back at the right rows."""
+    from megatron_async_rlhf.data.preferences import TokenizedPair, comparison_groups
+    from megatron_async_rlhf.modes.rm import group_micro_batches
+
+    a, b, c, d, e, f, g = ([i] * (i + 1) for i in range(1, 8))  # sequences of different lengths
+    pairs = [TokenizedPair(a, b, 0.0), TokenizedPair(e, f, 0.0), TokenizedPair(c, b, 0.1), TokenizedPair(a, c, 0.2),
+             TokenizedPair(d, c, 0.3), TokenizedPair(g, f, 0.4)]
+    assert comparison_groups(pairs) == [[0, 2, 3, 4], [1, 5]]  # {a, b, c, d} and {e, f, g}
+    assert comparison_groups([TokenizedPair(a, b, 0.0), TokenizedPair(b, a, 0.0)]) == [[0, 1]]
+    groups = [[pairs[i] for i in grp] for grp in comparison_groups(pairs)]
+    for micro, sizes in ((16, [7]), (5, [4, 3]), (3, [4, 3])):  # a group larger than the cap goes alone
+        mbs = group_micro_batches(groups, micro)
+        assert [len(m["tokens"]) for m in mbs] == sizes
+        got = []
+        for m in mbs:
+            rows = [m["tokens"][i][m["mask"][i]].tolist() for i in range(len(m["tokens"]))]
+            assert len({tuple(r) for r in rows}) == len(rows)  # no sequence twice
+            assert m["tokens"].shape[1] == max(map(len, rows))  # padded to its own longest row
+            got += [(rows[i], rows[j], mg) for i, j, mg in zip(m["chosen"].tolist(), m["rejected"].tolist(),
+                                                                 m["margin"].tolist())]
+        assert got == [(p.chosen, p.rejected, pytest.approx(p.margin)) for grp in groups for p in grp]
+
+
+@pytest.mark.multiproc
+def test_grouped_step_forwards_each_response_once_and_matches_transformers(pool, exported):
+    """All 6 comparisons of 4 responses, 3 of 3 more and one plain pair (10 pairs, 9 distinct sequences): the learner
+    forwards 9 rows (3 micro-batches of different shapes, through a pipeline at PP2) and its loss, accuracy and grad
+    norm equal transformers' on the 10 pairs forwarded as 20 rows."""
+    import itertools
+
+    from megatron_async_rlhf.data.preferences import TokenizedPair, comparison_groups
+
+    rm_dir, seqs, _ = exported["tiny-gqa"]
+    s = seqs + _more_seqs(rm_dir, (8, 11, 4), seed=2)  # 9 sequences
+    pairs = [TokenizedPair(s[i], s[j], 0.1 * i) for i, j in itertools.combinations(range(4), 2)]
+    pairs += [TokenizedPair(s[j], s[i], 0.0) for i, j in itertools.combinations(range(4, 7), 2)]
+    pairs += [TokenizedPair(s[7], s[8], 0.5)]
+    loss, acc, grad_norm = _transformers_step(rm_dir, pairs)
+    groups = [[pairs[i] for i in g] for g in comparison_groups(pairs)]
+    assert [len(g) for g in groups] == [6, 3, 1]
+    for tp, pp in ((1, 1), (1, 2)):
+        out = pool.run(_step_job, rm_dir, tp, pp, groups, 4)[0]
+        dp = 4 // (tp * pp)
+        assert out["pairs"] == 10 * dp and out["sequences"] == 9 * dp
+        assert abs(out["loss"] - loss) < ATOL, (tp, pp, out, loss)
+        assert abs(out["accuracy"] - acc) < 1e-6
+        assert abs(out["grad_norm"] - grad_norm) < 1e-4 * grad_norm, (tp, pp, out, grad_norm)
+    # split over 2 replicas as mode=rm does: 7 pairs on one, 3 on the other; still the mean over all 10 pairs
+    out = pool.run(_split_step_job, rm_dir, 2, 1, groups, 4)[0]
+    assert out["pairs"] == 10 and out["sequences"] == 9
+    assert abs(out["loss"] - loss) < ATOL and abs(out["accuracy"] - acc) < 1e-6, (out, loss)
+    assert abs(out["grad_norm"] - grad_norm) < 1e-4 * grad_norm, (out, grad_norm)
 
 
 @pytest.mark.multiproc

@@ -5,9 +5,10 @@
 
 1. **prompts**: 2160 open-ended chat requests made locally (``data/chat_prompts.py``; 200 held out for eval).
 2. **pairs**: four completions per prompt sampled from SmolLM2-135M-Instruct (vLLM, bf16, temperature 1), paired
-   (1st, 2nd) and (3rd, 4th), labelled by the gold judge (VADER sentiment, ``rewards/judges.py``): the happier response
-   is chosen, ties dropped. Written to ``<out>/preferences/{train,test}.jsonl`` (test: pairs on 160 prompts the reward
-   model never trains on; both are random pairs, as the RL's k=2 pairs are).
+   labelled by the gold judge (VADER sentiment, ``rewards/judges.py``): the happier response is chosen, ties dropped.
+   Written to ``<out>/preferences/{train,test}.jsonl``. Train: all 6 comparisons among each prompt's 4 samples
+   (``--train-pairs all``; ``disjoint``: (1st, 2nd) and (3rd, 4th)); test: (1st, 2nd) and (3rd, 4th) on 160 prompts
+   the reward model never trains on (random pairs, as the RL's k=2 pairs are).
 3. **proxy reward model**: ``mode=rm`` trains a Bradley-Terry reward model from SmolLM2 on the train pairs (Megatron
    learner, bf16, two data-parallel ranks: one per core, lr 1e-4 decaying linearly); its held-out pairwise accuracy
    against the gold labels is ``rm_accuracy``.
@@ -27,6 +28,7 @@ synchronous run is the comparison, its minutes are in ``summary.json``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -43,9 +45,12 @@ def log(msg: str) -> None:
     print(f"[chat_pipeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, k: int, seed: int) -> dict:
-    """Stage 2: ``k`` sampled completions per prompt (bf16 engine), paired (0, 1), (2, 3), ... and gold-labelled, as
-    preference JSONL (train / test prompts disjoint from each other and from the RL eval prompts)."""
+def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, k: int, seed: int,
+                 all_pairs: bool = True) -> dict:
+    """Stage 2: ``k`` sampled completions per prompt (bf16 engine), gold-labelled, as preference JSONL (train / test
+    prompts disjoint from each other and from the RL eval prompts). Test pairs are (0, 1), (2, 3), ...; train pairs
+    are every one of the k(k-1)/2 comparisons of a prompt's samples with ``all_pairs`` (mode=rm forwards each
+    response once per step and trains on all its comparisons, as InstructGPT's reward model does), else disjoint."""
     from transformers import AutoTokenizer
 
     from megatron_async_rlhf.config import RolloutConfig
@@ -74,9 +79,12 @@ def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, k
     os.makedirs(tmp, exist_ok=True)
     stats = {"sample_s": round(gen_s, 1), "tokens": sum(len(s.token_ids) for s in samples)}
     for name, (lo, hi) in (("train", (0, n_train)), ("test", (n_train, n_train + n_test))):
-        idx = [(p, j) for p in range(lo, hi) for j in range(0, k - 1, 2)]  # disjoint pairs of one prompt's samples
-        rows, ties = label_pairs("vader", [prompts[p] for p, _ in idx], [texts[p * k + j] for p, j in idx],
-                                 [texts[p * k + j + 1] for p, j in idx])
+        if name == "train" and all_pairs:  # every comparison among a prompt's k samples (InstructGPT's K choose 2)
+            idx = [(p, i, j) for p in range(lo, hi) for i, j in itertools.combinations(range(k), 2)]
+        else:  # disjoint random pairs of one prompt's samples, as the RL's k=2 pairs are
+            idx = [(p, j, j + 1) for p in range(lo, hi) for j in range(0, k - 1, 2)]
+        rows, ties = label_pairs("vader", [prompts[p] for p, _, _ in idx], [texts[p * k + i] for p, i, _ in idx],
+                                 [texts[p * k + j] for p, _, j in idx])
         with open(os.path.join(tmp, f"{name}.jsonl"), "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -142,7 +150,9 @@ def main() -> int:
     ap.add_argument("--rm-eval-pairs", type=int, default=160, help="prompts sampled for held-out RM accuracy pairs")
     ap.add_argument("--pair-tokens", type=int, default=48, help="longest sampled response")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="even: k/2 disjoint pairs per prompt")
-    ap.add_argument("--rm-steps", type=int, default=300, help="16 pairs a step (~1.35 epochs of ~3,500 pairs)")
+    ap.add_argument("--train-pairs", choices=("all", "disjoint"), default="all",
+                    help="all: every comparison of a prompt's samples (k(k-1)/2); disjoint: k/2 per prompt")
+    ap.add_argument("--rm-steps", type=int, default=300, help="8 prompts' comparisons a step (~1.35 epochs)")
     ap.add_argument("--rm-lr", type=float, default=1e-4, help="peak; decays linearly to 0")
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous RL run")
@@ -150,7 +160,9 @@ def main() -> int:
     args, overrides = ap.parse_known_args()
     if args.samples_per_prompt < 2 or args.samples_per_prompt % 2:
         ap.error(f"--samples-per-prompt {args.samples_per_prompt}: use an even number >= 2 (disjoint pairs)")
-    per = args.samples_per_prompt // 2  # pairs per prompt
+    k = args.samples_per_prompt
+    per_train = k * (k - 1) // 2 if args.train_pairs == "all" else k // 2  # pairs per prompt
+    per_test = k // 2
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     timings_path = os.path.join(out, "minutes.json")  # per stage, kept across restarts (skipped stages keep theirs)
@@ -168,7 +180,7 @@ def main() -> int:
         # in a child process: an in-process vLLM engine keeps its threads (and a core) busy after it is closed
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             return pool.apply(sample_pairs, (out, args.pairs, args.rm_eval_pairs, args.pair_tokens,
-                                             args.samples_per_prompt, args.seed))
+                                             k, args.seed, args.train_pairs == "all"))
 
     if not os.path.exists(os.path.join(out, "preferences", "test.jsonl")):
         log(f"pairs: sampling {args.samples_per_prompt} responses for {args.pairs + args.rm_eval_pairs} prompts, "
@@ -179,9 +191,11 @@ def main() -> int:
     rm_log = os.path.join(out, "rm.log")
     if not os.path.exists(os.path.join(rm_final, "config.json")):
         rm_args = ["mode=rm", "model.path=smollm2-135m-instruct", f"data.source={out}/preferences",
-                   "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs * per}",
-                   f"data.eval_size={args.rm_eval_pairs * per}", f"rm.steps={args.rm_steps}", "rm.batch_size=16",
-                   "rm.micro_batch=16", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
+                   "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs * per_train}",
+                   f"data.eval_size={args.rm_eval_pairs * per_test}", f"rm.steps={args.rm_steps}",
+                   # 8 comparison groups (a prompt's k responses, each forwarded once, and all their pairs) a step:
+                   # 4 per data-parallel rank, one micro-batch of 4k sequences
+                   "rm.batch_size=8", f"rm.micro_batch={4 * k}", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
                    f"rm.eval_every={max(args.rm_steps // 4, 1)}", "learner.precision=bf16", "cluster.learner_dp=2",
                    f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled", f"seed={args.seed}"]
         timed("rm", run_main, rm_args, rm_log)

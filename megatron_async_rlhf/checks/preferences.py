@@ -15,7 +15,7 @@ def rm_max_len(cfg, max_positions: int) -> int:
 
 def load_tokenized_pairs(cfg, tok, max_positions: int, vocab_size: int | None = None):
     """(train, held-out) tokenized pairs of a mode=rm run, every contract checked (errors name the row and key)."""
-    from megatron_async_rlhf.data.preferences import load_pairs, rm_pad_token_id, tokenize_pairs
+    from megatron_async_rlhf.data.preferences import comparison_groups, load_pairs, rm_pad_token_id, tokenize_pairs
 
     d = cfg.data
     if d.source in ("arithmetic", "synthetic_gsm8k"):
@@ -30,8 +30,10 @@ def load_tokenized_pairs(cfg, tok, max_positions: int, vocab_size: int | None = 
             raise ConfigError(f"data split {split!r} of {d.source} has no preference pairs")
         out.append(tokenize_pairs(tok, pairs, max_len, d.use_chat_template, d.prompt_template, cfg.rm.margin,
                                   vocab_size, rm_pad_token_id(tok), what=f"{d.source} split {split!r} pair"))
-    if len(out[0]) < cfg.rm.batch_size:
-        raise ConfigError(f"data has {len(out[0])} training pairs < rm.batch_size={cfg.rm.batch_size}")
+    groups = len(comparison_groups(out[0]))
+    if groups < cfg.rm.batch_size:
+        raise ConfigError(f"data has {len(out[0])} training pairs in {groups} comparison groups (pairs sharing a "
+                          f"response) < rm.batch_size={cfg.rm.batch_size} groups. Fix: lower rm.batch_size")
     return out[0], out[1]
 
 

@@ -157,6 +157,31 @@ def tokenize_pairs(tok, pairs: list[PreferencePair], max_len: int, use_chat_temp
     return out
 
 
+def comparison_groups(pairs: list[TokenizedPair]) -> list[list[int]]:
+    """Indices of ``pairs`` grouped by shared sequences: two pairs that share a prompt + response are in one group
+    (connected components), groups in order of first appearance. All the comparisons among one prompt's k sampled
+    responses form one group of k sequences and up to k(k-1)/2 pairs (InstructGPT trains on such a group as one batch
+    element: each response forwarded once, no over-fitting to a response seen in several pairs); a dataset with one
+    pair per prompt has a group per pair."""
+    parent: dict[tuple, tuple] = {}
+
+    def root(x: tuple) -> tuple:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    keys = [(tuple(p.chosen), tuple(p.rejected)) for p in pairs]
+    for c, r in keys:
+        parent.setdefault(c, c)
+        parent.setdefault(r, r)
+        parent[root(c)] = root(r)
+    groups: dict[tuple, list[int]] = {}
+    for i, (c, _) in enumerate(keys):
+        groups.setdefault(root(c), []).append(i)
+    return list(groups.values())
+
+
 def rm_pad_token_id(tok) -> int:
     """The pad id the exported reward model declares: the tokenizer's pad token, else its EOS."""
     pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

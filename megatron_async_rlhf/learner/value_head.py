@@ -14,9 +14,6 @@ batches (causal attention: padding after a token never changes its value); the r
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -111,40 +108,3 @@ def sequence_values(model, seqs: list[list[int]], micro_batch: int = 8) -> torch
     model.eval()
     outs = forward_collect(model, chunks, lambda v, i: last_token_values(v[..., 0], masks[i]))  # v: [b, s, 1]
     return torch.cat(outs)[:n] if ps.is_pipeline_last_stage() else None
-
-
-ValueLossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
-
-
-def value_train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: ValueLossFn) -> dict:
-    """One optimizer step of a scalar-head model (the value counterpart of ``learner.train.train_step``). Each
-    micro-batch is a dict with ``tokens [b, s]`` (one shape for all) and whatever ``loss_fn(values [b, s] fp32,
-    batch) -> (loss, metrics)`` reads; megatron-core averages the micro-batches' losses. Returns the metrics *summed*
-    over micro-batches on the last stage ({} elsewhere; report counts and sums, divide afterwards), plus the grad
-    norm and whether the update was applied."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    ddp.train()
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-    sums: dict[str, float] = {}
-
-    def loss_func(batch, output):  # output: [b, s, 1] on the last stage
-        loss, m = loss_fn(output[..., 0], batch)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        return loss, {}
-
-    def step(data_iterator, model):
-        batch = next(data_iterator)
-        tokens = batch["tokens"]
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)  # [b, s]
-        return model(tokens, pos, None), partial(loss_func, batch)
-
-    b, s = micro_batches[0]["tokens"].shape
-    get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(micro_batches), model=[ddp],
-        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=False,
-    )
-    ok, grad_norm, _ = optimizer.step()
-    return {**sums, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(ok)}

@@ -9,6 +9,11 @@
 No rollout engine is started: the world is the learner pool (``cluster.learner_tp x learner_pp x learner_dp`` ranks),
 ``cluster.rollout_*`` are ignored. Each data-parallel replica trains on its share of every batch of pairs. The run's
 last line is ``rm_accuracy=<held-out pairwise accuracy>``.
+
+A batch is ``rm.batch_size`` comparison groups (``data.preferences.comparison_groups``): the pairs that share a
+response. With one pair per prompt that is pairs; with all the comparisons among a prompt's k responses (the chat
+pipeline's training pairs) each response is forwarded once per step for its k-1 comparisons, InstructGPT's
+reward-model batching, which trains on k(k-1)/2 pairs for the cost of k sequences.
 """
 
 from __future__ import annotations
@@ -64,40 +69,73 @@ def _last_stage_totals(values: list[float] | None, n: int) -> list[float]:
     return t.tolist()
 
 
-def bradley_terry_step(ddp, opt, pairs: list, micro_batch: int) -> dict:
-    """One optimizer step of the scalar-head model on this data-parallel replica's pairs (``TokenizedPair``s):
-    mean Bradley-Terry loss over the pairs, whatever the micro-batching. Returns loss and accuracy over all
-    replicas' pairs (every rank), and the grad norm. All learner ranks call it together."""
-    from megatron_async_rlhf.learner.step import NonFiniteLoss, micro_size
-    from megatron_async_rlhf.learner.value_head import last_token_values, right_padded, value_train_step
+def group_micro_batches(groups: list[list], micro_batch: int) -> list[dict]:
+    """Micro-batches of whole comparison groups (lists of ``TokenizedPair``; ``data.preferences.comparison_groups``):
+    each distinct sequence of a micro-batch is one row (a response compared k-1 times is forwarded once), the pairs
+    are row indices. Groups are packed in order while the rows stay within ``micro_batch``; a group with more
+    sequences gets a micro-batch of its own. Each micro-batch is right-padded to its own longest row: ``tokens``,
+    ``mask [b, s]``, ``chosen`` / ``rejected [P]`` row indices, ``margin [P]``, ``pairs`` (P)."""
+    from megatron_async_rlhf.learner.value_head import right_padded
 
-    seqs = [s for p in pairs for s in (p.chosen, p.rejected)]  # pair-major: chosen, rejected, chosen, ...
-    micro = micro_size(len(seqs), micro_batch, 2)
-    rows = -(-len(seqs) // micro) * micro
-    tokens, mask = right_padded(seqs, rows)  # [rows, S], one shape for every micro-batch
-    margin = torch.tensor([p.margin for p in pairs] + [0.0] * ((rows - len(seqs)) // 2))  # [rows/2]
-    valid = torch.arange(rows // 2) < len(pairs)  # [rows/2] padding pairs carry no loss
-    n_micro = rows // micro
-    batches = [{"tokens": tokens[i:i + micro], "mask": mask[i:i + micro], "margin": margin[i // 2:(i + micro) // 2],
-                "valid": valid[i // 2:(i + micro) // 2]} for i in range(0, rows, micro)]
+    out, cur = [], []
 
-    def loss_fn(values, b):  # values [b, s]
-        v = last_token_values(values, b["mask"])  # [b]
-        ok = b["valid"]
-        k = int(ok.sum())
-        if not k:
-            return values.sum() * 0.0, {}
-        loss, m = bradley_terry_loss(v[0::2][ok], v[1::2][ok], b["margin"][ok])
-        # megatron-core averages the micro-batches' losses: weight each by its share of this replica's pairs
-        return loss * (k * n_micro / len(pairs)), {"loss_sum": loss.detach() * k, "correct": m["accuracy"] * k,
-                                                    "pairs": k}
+    def flush():
+        rows: dict[tuple, int] = {}
+        for p in cur:
+            for s in (p.chosen, p.rejected):
+                rows.setdefault(tuple(s), len(rows))
+        tokens, mask = right_padded([list(s) for s in rows], len(rows))
+        out.append({"tokens": tokens, "mask": mask, "pairs": len(cur),
+                    "chosen": torch.tensor([rows[tuple(p.chosen)] for p in cur]),
+                    "rejected": torch.tensor([rows[tuple(p.rejected)] for p in cur]),
+                    "margin": torch.tensor([float(p.margin) for p in cur])})
+        cur.clear()
 
-    out = value_train_step(ddp, opt, batches, loss_fn)
-    keys = ("loss_sum", "correct", "pairs")
-    loss_sum, correct, n = _last_stage_totals([out.get(k, 0.0) for k in keys], len(keys))
+    def n_rows(pairs) -> int:
+        return len({tuple(s) for p in pairs for s in (p.chosen, p.rejected)})
+
+    for g in groups:
+        if cur and n_rows(cur + g) > micro_batch:
+            flush()
+        cur.extend(g)
+    if cur:
+        flush()
+    return out
+
+
+def bradley_terry_step(ddp, opt, groups: list[list], micro_batch: int, total_pairs: int | None = None) -> dict:
+    """One optimizer step of the scalar-head model on this data-parallel replica's comparison groups (lists of
+    ``TokenizedPair``; a group of one pair is a plain pair): the mean Bradley-Terry loss over the pairs of all
+    replicas (``total_pairs``; default: every replica has as many as this one), whatever the micro-batching. Returns loss,
+    accuracy, pairs and sequences over all replicas (every rank), and the grad norm. All learner ranks call it
+    together."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_async_rlhf.learner.step import NonFiniteLoss
+    from megatron_async_rlhf.learner.train import train_step
+    from megatron_async_rlhf.learner.value_head import last_token_values
+
+    batches = group_micro_batches(groups, micro_batch)
+    mine = sum(b["pairs"] for b in batches)
+    dp = ps.get_data_parallel_world_size()
+    total = total_pairs or mine * dp
+    for b in batches:  # megatron-core averages the replicas' gradients: weight = share of all replicas' pairs x dp
+        b["weight"] = b["pairs"] * dp / total
+
+    def loss_fn(v, b):  # v [b]: each row's value at its last real token
+        loss, m = bradley_terry_loss(v[b["chosen"]], v[b["rejected"]], b["margin"])
+        return loss, {"loss": loss.detach(), "accuracy": m["accuracy"]}
+
+    out = train_step(ddp, opt, batches, loss_fn, 0, head_fn=lambda output, b: last_token_values(output[..., 0],
+                                                                                                 b["mask"]))
+    keys = ("loss", "accuracy")
+    sums = [out[k] * mine for k in keys] if "loss" in out else None
+    rows = sum(len(b["tokens"]) for b in batches)
+    loss_sum, correct, n, seqs = _last_stage_totals(sums and sums + [mine, rows], 4)
     if not torch.isfinite(torch.tensor([loss_sum, out["grad_norm"]])).all():
         raise NonFiniteLoss(f"non-finite reward-model loss/grad norm ({loss_sum}, {out['grad_norm']}); stopping")
-    return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": out["grad_norm"]}
+    return {"loss": loss_sum / n, "accuracy": correct / n, "grad_norm": out["grad_norm"], "pairs": int(n),
+            "sequences": int(seqs)}
 
 
 class RewardModelTraining:
@@ -105,13 +143,14 @@ class RewardModelTraining:
         from transformers import AutoTokenizer
 
         from megatron_async_rlhf.checks.preferences import load_tokenized_pairs
-        from megatron_async_rlhf.data.preferences import rm_pad_token_id
+        from megatron_async_rlhf.data.preferences import comparison_groups, rm_pad_token_id
         from megatron_async_rlhf.hf_llama import read_config
 
         self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
         tok = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = rm_pad_token_id(tok)
         self.train_pairs, self.eval_pairs = load_tokenized_pairs(cfg, tok, read_config(model_path).max_position_embeddings)
+        self.groups = [[self.train_pairs[i] for i in g] for g in comparison_groups(self.train_pairs)]
         self.rng = random.Random(cfg.seed)  # the same on every rank: every replica draws the same batch
         self._order: list[int] = []
         self.metrics = None
@@ -121,14 +160,14 @@ class RewardModelTraining:
             self.metrics = Metrics(cfg.logging.out_dir, dataclasses.asdict(cfg), cfg.logging.wandb_mode,
                                    cfg.logging.wandb_project, cfg.rm.steps)
 
-    def _next_batch(self) -> list:
-        """``rm.batch_size`` training pairs, epoch by epoch in a shuffled order."""
+    def _next_batch(self) -> list[list]:
+        """``rm.batch_size`` comparison groups, epoch by epoch in a shuffled order."""
         out = []
         while len(out) < self.cfg.rm.batch_size:
             if not self._order:
-                self._order = list(range(len(self.train_pairs)))
+                self._order = list(range(len(self.groups)))
                 self.rng.shuffle(self._order)
-            out.append(self.train_pairs[self._order.pop()])
+            out.append(self.groups[self._order.pop()])
         return out
 
     def evaluate(self, model, step: int, dp: int, dp_rank: int) -> float:
@@ -164,7 +203,8 @@ class RewardModelTraining:
             t0 = time.perf_counter()
             for step in range(1, rc.steps + 1):
                 lr = set_lr(opt, rc.lr, rc.lr_schedule, step - 1, rc.steps)
-                m = bradley_terry_step(ddp, opt, self._next_batch()[dp_rank::dp], rc.micro_batch)
+                batch = self._next_batch()
+                m = bradley_terry_step(ddp, opt, batch[dp_rank::dp], rc.micro_batch, sum(map(len, batch)))
                 m["lr"] = lr
                 if self.metrics:
                     self.metrics.log(step, "rm", **m)
@@ -179,7 +219,8 @@ class RewardModelTraining:
         if not self.ctx.is_controller:
             return None
         return {"mode": "rm", "rm_accuracy": acc1, "rm_accuracy_before": acc0, "eval_pairs": len(self.eval_pairs),
-                "train_pairs": len(self.train_pairs), "steps": rc.steps, "train_seconds": round(train_s, 2),
+                "train_pairs": len(self.train_pairs),
+                "train_groups": len(self.groups), "steps": rc.steps, "train_seconds": round(train_s, 2),
                 "export": out, "metrics": self.metrics.path}
 
     def export(self, model, info, mcfg, name: str) -> str:
