@@ -191,3 +191,27 @@ def test_buckets_keep_fused_groups_and_prefetch_holds_at_most_two():
     assert peak[0] == 2
     with pytest.raises(RuntimeError, match="did not answer"):
         consume_prefetched(produce(5, fail_at=3), load)
+
+
+def test_shared_memory_of_dead_processes_is_swept():
+    """Pure: a killed engine leader's bucket files (``/dev/shm/mrlhf-w<pid>-<n>``) are removed by the next process
+    that allocates one; a live process's files and other names are kept."""
+    import subprocess
+    import sys
+
+    from megatron_async_rlhf.rollout import weight_stream as ws
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now
+    paths = {name: os.path.join(ws._SHM_DIR, name) for name in (f"mrlhf-w{dead.pid}-0", f"mrlhf-w{dead.pid}-7",
+                                                                 f"mrlhf-w{os.getpid()}-999999", "mrlhf-other")}
+    for p in paths.values():
+        open(p, "wb").close()
+    try:
+        removed = ws.sweep_stale_shm()
+        assert sorted(removed) == sorted([paths[f"mrlhf-w{dead.pid}-0"], paths[f"mrlhf-w{dead.pid}-7"]])
+        assert all(os.path.exists(paths[n]) for n in (f"mrlhf-w{os.getpid()}-999999", "mrlhf-other"))
+    finally:
+        for p in paths.values():
+            if os.path.exists(p):
+                os.unlink(p)

@@ -4,14 +4,15 @@
     python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1800] [--rm-steps 300] [--rl-steps 30]
 
 1. **prompts**: 2160 open-ended chat requests made locally (``data/chat_prompts.py``; 200 held out for eval).
-2. **pairs**: four completions per prompt sampled from SmolLM2-135M-Instruct (vLLM, bf16, temperature 1), paired
+2. **pairs**: four completions per prompt sampled from SmolLM2-135M-Instruct (vLLM, bf16, temperature 1), paired and
    labelled by the gold judge (VADER sentiment, ``rewards/judges.py``): the happier response is chosen, ties dropped.
    Written to ``<out>/preferences/{train,test}.jsonl``. Train: all 6 comparisons among each prompt's 4 samples
    (``--train-pairs all``; ``disjoint``: (1st, 2nd) and (3rd, 4th)); test: (1st, 2nd) and (3rd, 4th) on 160 prompts
    the reward model never trains on (random pairs, as the RL's k=2 pairs are).
 3. **proxy reward model**: ``mode=rm`` trains a Bradley-Terry reward model from SmolLM2 on the train pairs (Megatron
-   learner, bf16, two data-parallel ranks: one per core, lr 1e-4 decaying linearly); its held-out pairwise accuracy
-   against the gold labels is ``rm_accuracy``.
+   learner, bf16, two data-parallel ranks: one per core, lr 1e-4 decaying linearly; a step is 8 prompts, each with
+   its 4 responses forwarded once and trained on all their comparisons); its held-out pairwise accuracy against the
+   gold labels is ``rm_accuracy``.
 4. **RL**: ``recipe=smollm2_chat``: online DPO, k=2, against the proxy reward model, asynchronous (one step
    off-policy) and synchronous, same seed and steps.
 5. **eval** (inside each RL run, ``eval.judge=vader``): greedy completions of the 200 held-out prompts before, during

@@ -13,7 +13,9 @@ Peak extra memory is measured per process as the rise of the peak resident set (
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
 import time
 from typing import Iterator
 
@@ -54,8 +56,50 @@ def _key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def sweep_stale_shm() -> list[str]:
+    """Unlink the shared-memory files (``mrlhf-w<pid>-<n>``) of processes that no longer exist: an engine leader
+    killed mid-run (kill -9, the OOM killer) never reached ``shm_free``, and its buckets would hold ``/dev/shm``
+    (RAM) until reboot. Returns the paths removed."""
+    removed = []
+    try:
+        names = os.listdir(_SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        m = re.fullmatch(r"mrlhf-w(\d+)-\d+", name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(_SHM_DIR, name))
+            removed.append(os.path.join(_SHM_DIR, name))
+        except OSError:
+            pass  # another process swept it first
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+_swept = False
+
+
 def shm_alloc(nbytes: int) -> torch.Tensor:
-    """A uint8 buffer in a new shared-memory file (``/dev/shm``); ``shm_free`` unlinks it."""
+    """A uint8 buffer in a new shared-memory file (``/dev/shm``); ``shm_free`` unlinks it. The first call in a process
+    sweeps files left by dead processes (:func:`sweep_stale_shm`)."""
+    global _swept
+    if not _swept:
+        _swept = True
+        removed = sweep_stale_shm()
+        if removed:
+            logging.getLogger("megatron_async_rlhf").info("removed %d shared-memory files of dead processes (%s ...)",
+                                                          len(removed), removed[0])
     path = os.path.join(_SHM_DIR, f"mrlhf-w{os.getpid()}-{next(_counter)}")
     t = torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)[:nbytes]
     _SHM_PATHS[_key(t)] = path
