@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--train-pairs", choices=("all", "disjoint"), default="all",
                     help="all: every comparison of a prompt's samples (k(k-1)/2); disjoint: k/2 per prompt")
     ap.add_argument("--rm-steps", type=int, default=300, help="8 prompts' comparisons a step (~1.35 epochs)")
+    ap.add_argument("--rm-batch", type=int, default=8, help="prompts a step (each: its k responses, all their pairs)")
     ap.add_argument("--rm-lr", type=float, default=1e-4, help="peak; decays linearly to 0")
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous RL run")
@@ -194,9 +195,9 @@ def main() -> int:
         rm_args = ["mode=rm", "model.path=smollm2-135m-instruct", f"data.source={out}/preferences",
                    "data.use_chat_template=true", "data.max_prompt_len=64", f"data.train_size={args.pairs * per_train}",
                    f"data.eval_size={args.rm_eval_pairs * per_test}", f"rm.steps={args.rm_steps}",
-                   # 8 comparison groups (a prompt's k responses, each forwarded once, and all their pairs) a step:
-                   # 4 per data-parallel rank, one micro-batch of 4k sequences
-                   "rm.batch_size=8", f"rm.micro_batch={4 * k}", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
+                   # --rm-batch comparison groups (a prompt's k responses, each forwarded once, and all their pairs)
+                   # a step, half on each data-parallel rank in one micro-batch
+                   f"rm.batch_size={args.rm_batch}", f"rm.micro_batch={max(args.rm_batch // 2, 1) * k}", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
                    f"rm.eval_every={max(args.rm_steps // 4, 1)}", "learner.precision=bf16", "cluster.learner_dp=2",
                    f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled", f"seed={args.seed}"]
         timed("rm", run_main, rm_args, rm_log)
