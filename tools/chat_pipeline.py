@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The chat pipeline on a real model, a miniature of the paper's gold / proxy reward-model protocol, in one command:
 
-    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1800] [--rm-steps 300] [--rl-steps 30]
+    python tools/chat_pipeline.py [--out runs/chat_pipeline] [--pairs 1800] [--rm-steps 225] [--rl-steps 30]
 
 1. **prompts**: 2160 open-ended chat requests made locally (``data/chat_prompts.py``; 200 held out for eval).
 2. **pairs**: four completions per prompt sampled from SmolLM2-135M-Instruct (vLLM, bf16, temperature 1), paired and
@@ -153,7 +153,8 @@ def main() -> int:
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="even: k/2 disjoint pairs per prompt")
     ap.add_argument("--train-pairs", choices=("all", "disjoint"), default="all",
                     help="all: every comparison of a prompt's samples (k(k-1)/2); disjoint: k/2 per prompt")
-    ap.add_argument("--rm-steps", type=int, default=300, help="8 prompts' comparisons a step (~1.35 epochs)")
+    ap.add_argument("--rm-steps", type=int, default=225,
+                    help="one epoch of 1,800 prompts at 8 a step; a second epoch over-fits (README)")
     ap.add_argument("--rm-batch", type=int, default=8, help="prompts a step (each: its k responses, all their pairs)")
     ap.add_argument("--rm-lr", type=float, default=1e-4, help="peak; decays linearly to 0")
     ap.add_argument("--rl-steps", type=int, default=30)
