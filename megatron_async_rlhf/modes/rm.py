@@ -106,9 +106,9 @@ def group_micro_batches(groups: list[list], micro_batch: int) -> list[dict]:
 def bradley_terry_step(ddp, opt, groups: list[list], micro_batch: int, total_pairs: int | None = None) -> dict:
     """One optimizer step of the scalar-head model on this data-parallel replica's comparison groups (lists of
     ``TokenizedPair``; a group of one pair is a plain pair): the mean Bradley-Terry loss over the pairs of all
-    replicas (``total_pairs``; default: every replica has as many as this one), whatever the micro-batching. Returns loss,
-    accuracy, pairs and sequences over all replicas (every rank), and the grad norm. All learner ranks call it
-    together."""
+    replicas (``total_pairs``; default: every replica has as many as this one), whatever the micro-batching.
+    Returns loss, accuracy, pairs and sequences over all replicas (every rank), and the grad norm. All learner ranks
+    call it together."""
     from megatron.core import parallel_state as ps
 
     from megatron_async_rlhf.learner.step import NonFiniteLoss
