@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,14 @@ def connect_store(timeout_s: float) -> dist.Store:
     """A client of the launcher's store (torchrun serves it at MASTER_ADDR:MASTER_PORT)."""
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def wait_for_key(store: dist.Store, key: str, poll_s: float = 1.0) -> None:
+    """Block until ``key`` is set, however long that takes (an idle rank waits out the whole run). ``store.wait``
+    would give up after the store's timeout (``cluster.timeout_s``, meant for one call), so this polls ``check``,
+    which returns at once; a store that is gone (the launcher died) still raises."""
+    while not store.check([key]):
+        time.sleep(poll_s)
 
 
 def _device() -> torch.device:

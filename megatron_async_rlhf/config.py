@@ -282,6 +282,10 @@ class RMConfig:
     lr: float = 1e-5
     lr_schedule: str = "constant"
     """constant | linear (decay from ``lr`` to 0 over ``steps``)."""
+    warmup_steps: int = 0
+    """The first N steps raise the learning rate linearly to ``lr`` (a schedule's decay starts after them). Adam's
+    first full-size steps on a fresh head can wreck the pretrained trunk's features before the head has learnt
+    anything (README, chat pipeline)."""
     eval_every: int = 0
     """Held-out pairwise accuracy every N steps as well as before and after; 0: before and after only."""
     margin: float = 0.0
@@ -303,6 +307,8 @@ class RMConfig:
             raise ConfigError("rm.eval_every and rm.max_len must be >= 0 and rm.lr > 0")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"rm.lr_schedule={self.lr_schedule!r}: use constant or linear")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(f"rm.warmup_steps={self.warmup_steps} must be >= 0 and < rm.steps={self.steps}")
         return self
 
 

@@ -79,6 +79,7 @@ def test_placements_off_the_learner_score_like_the_controller(ppool, tiny_models
     (["cluster.reward_ranks=1"], "those ranks would sit idle"),
     (["reward.dtype=fp16"], "reward.dtype='fp16': use auto, float32 or bfloat16"),
     (["mode=rm", "rm.lr_schedule=cosine"], "rm.lr_schedule='cosine': use constant or linear"),
+    (["mode=rm", "rm.warmup_steps=100"], "rm.warmup_steps=100 must be >= 0 and < rm.steps=100"),
 ])
 def test_bad_placements_are_named(overrides, message):
     from megatron_async_rlhf.hf_llama import ConfigError

@@ -47,6 +47,21 @@ def test_bradley_terry_loss_against_hand_numbers():
         bradley_terry_loss(torch.zeros(2, 1), torch.zeros(2, 1))
 
 
+def test_learning_rate_warmup_then_linear_decay():
+    """``rm.warmup_steps``: the first steps rise to the peak, the decay to 0 spans the steps after them (hand
+    numbers: peak 1.0, 10 steps, 4 warm-up)."""
+    from types import SimpleNamespace
+
+    from megatron_async_rlhf.learner.train import set_lr
+
+    opt = SimpleNamespace(param_groups=[{}, {}])
+    lrs = [set_lr(opt, 1.0, "linear", done, 10, warmup=4) for done in range(10)]
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert opt.param_groups == [{"lr": lrs[-1]}, {"lr": lrs[-1]}]
+    assert [set_lr(opt, 2.0, "constant", d, 10, warmup=2) for d in (0, 1, 5)] == [1.0, 2.0, 2.0]
+    assert [set_lr(opt, 1.0, "linear", d, 4) for d in range(4)] == [1.0, 0.75, 0.5, 0.25]  # no warm-up: as before
+
+
 def test_last_token_read_with_right_and_left_padding():
     values = torch.arange(18.0).view(3, 6)  # [b, s]: row i position j holds 6i + j
     right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])

@@ -215,3 +215,31 @@ def test_shared_memory_of_dead_processes_is_swept():
         for p in paths.values():
             if os.path.exists(p):
                 os.unlink(p)
+
+
+def test_idle_ranks_wait_out_a_run_longer_than_the_store_timeout():
+    """An engine's idle rank (rollout_tp > 1 on CPU) waits for the shutdown key for the whole run. The store's own
+    ``wait`` gives up after its timeout (``cluster.timeout_s``, meant for one call): a run longer than that killed
+    the idle rank (seen in CI as a DistStoreError on ``<session>/shutdown``). ``wait_for_key`` outlives it."""
+    import datetime
+    import socket
+    import threading
+
+    import torch.distributed as dist
+
+    from megatron_async_rlhf.cluster import wait_for_key
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    timeout = datetime.timedelta(seconds=0.5)
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timeout)
+    client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    with pytest.raises(dist.DistStoreError):  # the failure the idle rank used to hit
+        client.wait(["s/shutdown"])
+    timer = threading.Timer(1.5, lambda: master.set("s/shutdown", "1"))  # three store timeouts later
+    timer.start()
+    t0 = time.perf_counter()
+    wait_for_key(client, "s/shutdown", poll_s=0.05)
+    assert 1.4 < time.perf_counter() - t0 < 10
+    timer.join()

@@ -54,11 +54,14 @@ def wrap_for_training(model, oc: OptimConfig):
     return ddp, get_megatron_optimizer(ocfg, [ddp])
 
 
-def set_lr(opt, lr: float, schedule: str = "constant", done: int = 0, total: int = 1) -> float:
+def set_lr(opt, lr: float, schedule: str = "constant", done: int = 0, total: int = 1, warmup: int = 0) -> float:
     """Set the optimizer's learning rate for its next step and return it: ``lr`` (constant), or ``lr`` decayed
-    linearly to 0 over ``total`` steps after ``done`` of them (linear)."""
-    if schedule == "linear":
-        lr = lr * (1.0 - done / total)
+    linearly to 0 over ``total`` steps after ``done`` of them (linear). With ``warmup``, the first ``warmup`` steps
+    rise linearly to ``lr`` (``lr * (done + 1) / warmup``) and the decay spans the ``total - warmup`` after them."""
+    if done < warmup:
+        lr = lr * (done + 1) / warmup
+    elif schedule == "linear":
+        lr = lr * (1.0 - (done - warmup) / (total - warmup))
     for g in opt.param_groups:
         g["lr"] = lr
     return lr

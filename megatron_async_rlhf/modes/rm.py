@@ -202,7 +202,7 @@ class RewardModelTraining:
             acc0 = self.evaluate(model, 0, dp, dp_rank)
             t0 = time.perf_counter()
             for step in range(1, rc.steps + 1):
-                lr = set_lr(opt, rc.lr, rc.lr_schedule, step - 1, rc.steps)
+                lr = set_lr(opt, rc.lr, rc.lr_schedule, step - 1, rc.steps, rc.warmup_steps)
                 batch = self._next_batch()
                 m = bradley_terry_step(ddp, opt, batch[dp_rank::dp], rc.micro_batch, sum(map(len, batch)))
                 m["lr"] = lr

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from megatron_async_rlhf.cluster import ClusterContext
+from megatron_async_rlhf.cluster import ClusterContext, wait_for_key
 from megatron_async_rlhf.rollout.engine import EngineSettings, RolloutEngine
 from megatron_async_rlhf.weights.sync import recv_buckets
 
@@ -48,7 +48,7 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
     ``RewardConfig`` when rewards are computed here (``reward.placement=rollout``): every generation request that
     carries its rows is scored right after it is generated (``rewards/placement.py``)."""
     if ctx.role.kind == "idle":  # an engine's non-leader rank: vLLM's own workers drive its device (or, on CPU, cores)
-        ctx.store.wait([f"{ctx.session}/shutdown"])
+        wait_for_key(ctx.store, f"{ctx.session}/shutdown")
         return {}
     engine = get_engine(settings, ctx.role.engine)
     engine.version = 0
