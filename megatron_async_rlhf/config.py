@@ -286,6 +286,12 @@ class RMConfig:
     """The first N steps raise the learning rate linearly to ``lr`` (a schedule's decay starts after them). Adam's
     first full-size steps on a fresh head can wreck the pretrained trunk's features before the head has learnt
     anything (README, chat pipeline)."""
+    head_lr_mult: float = 1.0
+    """The scalar head's learning rate is ``lr`` times this. A fresh head starts as a random direction (normal, std
+    ``initializer_range``) that Adam moves by about ``lr`` a coordinate a step: at a fine-tuning ``lr`` it stays
+    mostly random for hundreds of steps while the trunk bends its features towards it (the feature distortion that
+    linear-probing-then-fine-tuning avoids, Kumar et al. 2022). A larger multiplier lets the head find the
+    preference direction first."""
     eval_every: int = 0
     """Held-out pairwise accuracy every N steps as well as before and after; 0: before and after only."""
     margin: float = 0.0
@@ -307,6 +313,8 @@ class RMConfig:
             raise ConfigError("rm.eval_every and rm.max_len must be >= 0 and rm.lr > 0")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"rm.lr_schedule={self.lr_schedule!r}: use constant or linear")
+        if self.head_lr_mult <= 0:
+            raise ConfigError(f"rm.head_lr_mult={self.head_lr_mult} must be > 0")
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(f"rm.warmup_steps={self.warmup_steps} must be >= 0 and < rm.steps={self.steps}")
         return self

@@ -158,6 +158,36 @@ def _split_step_job(hf_dir, tp, pp, groups, micro_batch):
     return bradley_terry_step(ddp, opt, groups[r["dp_rank"]::r["dp"]], micro_batch, sum(map(len, groups)))
 
 
+def _head_lr_job(hf_dir, groups, micro_batch, mult):
+    """One step with ``rm.head_lr_mult=mult``: Adam's first update is ``lr * g / (|g| + eps)``, about ``lr`` per
+    coordinate whatever the gradient, so the head's largest move over the trunk's is the multiplier."""
+    from megatron_async_rlhf.learner.train import OptimConfig, set_lr, wrap_for_training
+    from megatron_async_rlhf.learner.value_head import value_model_from_hf
+    from megatron_async_rlhf.modes.rm import bradley_terry_step
+
+    _, model, _ = value_model_from_hf(hf_dir, 1, 1, dtype=torch.float32)
+    head, norm = model.output_layer.weight, model.decoder.final_layernorm.weight
+    before = head.detach().clone(), norm.detach().clone()
+    ddp, opt = wrap_for_training(model, OptimConfig(lr=1e-3, clip_grad=1e9, head_lr_mult=mult))
+    set_lr(opt, 1e-3)
+    bradley_terry_step(ddp, opt, groups, micro_batch)
+    return {"head": float((head - before[0]).abs().max()) / 1e-3, "trunk": float((norm - before[1]).abs().max()) / 1e-3,
+            "group_lrs": sorted(g["lr"] for g in opt.param_groups)}
+
+
+@pytest.mark.multiproc
+def test_head_learning_rate_multiplier(pool, exported):
+    """``rm.head_lr_mult``: the head's parameter group steps at ``mult * lr`` and the trunk's at ``lr``."""
+    from megatron_async_rlhf.data.preferences import TokenizedPair
+
+    rm_dir, seqs, _ = exported["tiny-gqa"]
+    pairs = [[TokenizedPair(seqs[2 * i], seqs[2 * i + 1], 0.0)] for i in range(3)]
+    for mult in (1.0, 20.0):
+        out = pool.run(_head_lr_job, rm_dir, pairs, 8, mult)[0]
+        assert out["head"] == pytest.approx(mult, rel=1e-3) and out["trunk"] == pytest.approx(1.0, rel=1e-3), out
+        assert out["group_lrs"][-1] == pytest.approx(1e-3 * mult)
+
+
 def _transformers_step(rm_dir, pairs):
     """Bradley-Terry loss, accuracy and grad norm of ``pairs`` through transformers' classifier (every sequence of
     every pair forwarded on its own row: the independent reference of the learner's de-duplicated step)."""

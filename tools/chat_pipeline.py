@@ -157,6 +157,7 @@ def main() -> int:
                     help="one epoch of 1,800 prompts at 8 a step; a second epoch over-fits (README)")
     ap.add_argument("--rm-batch", type=int, default=8, help="prompts a step (each: its k responses, all their pairs)")
     ap.add_argument("--rm-lr", type=float, default=1e-4, help="peak; decays linearly to 0")
+    ap.add_argument("--rm-head-lr-mult", type=float, default=1.0, help="the scalar head's lr over the trunk's")
     ap.add_argument("--rm-warmup", type=int, default=0, help="steps rising linearly to the peak lr")
     ap.add_argument("--rl-steps", type=int, default=30)
     ap.add_argument("--no-sync", action="store_true", help="skip the synchronous RL run")
@@ -200,7 +201,7 @@ def main() -> int:
                    # --rm-batch comparison groups (a prompt's k responses, each forwarded once, and all their pairs)
                    # a step, half on each data-parallel rank in one micro-batch
                    f"rm.batch_size={args.rm_batch}", f"rm.micro_batch={max(args.rm_batch // 2, 1) * k}", f"rm.lr={args.rm_lr}", "rm.lr_schedule=linear",
-                   f"rm.warmup_steps={args.rm_warmup}",
+                   f"rm.warmup_steps={args.rm_warmup}", f"rm.head_lr_mult={args.rm_head_lr_mult}",
                    f"rm.eval_every={max(args.rm_steps // 4, 1)}", "learner.precision=bf16", "cluster.learner_dp=2",
                    f"logging.out_dir={rm_dir}", "logging.wandb_mode=disabled", f"seed={args.seed}"]
         timed("rm", run_main, rm_args, rm_log)

@@ -25,6 +25,9 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
     distributed_optimizer: bool = False
     """Shard optimizer state over the learner's data-parallel ranks."""
+    head_lr_mult: float = 1.0
+    """Learning-rate multiplier of the output layer (the scalar head of a reward model or critic), honoured by
+    :func:`set_lr`."""
 
 
 def wrap_for_training(model, oc: OptimConfig):
@@ -51,19 +54,27 @@ def wrap_for_training(model, oc: OptimConfig):
         params_dtype=cfg.params_dtype, use_distributed_optimizer=oc.distributed_optimizer,
     )
     # only the first two arguments: the third positional argument changed meaning across megatron-core releases
-    return ddp, get_megatron_optimizer(ocfg, [ddp])
+    if oc.head_lr_mult == 1.0:
+        return ddp, get_megatron_optimizer(ocfg, [ddp])
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+
+    # the head in a param group of its own, marked with its multiplier (megatron-core's ``lr_mult`` field)
+    overrides = get_standard_config_overrides(ocfg)
+    overrides[ParamKey(name="*output_layer.weight")] = {"lr_mult": oc.head_lr_mult}
+    return ddp, get_megatron_optimizer(ocfg, [ddp], config_overrides=overrides)
 
 
 def set_lr(opt, lr: float, schedule: str = "constant", done: int = 0, total: int = 1, warmup: int = 0) -> float:
     """Set the optimizer's learning rate for its next step and return it: ``lr`` (constant), or ``lr`` decayed
     linearly to 0 over ``total`` steps after ``done`` of them (linear). With ``warmup``, the first ``warmup`` steps
-    rise linearly to ``lr`` (``lr * (done + 1) / warmup``) and the decay spans the ``total - warmup`` after them."""
+    rise linearly to ``lr`` (``lr * (done + 1) / warmup``) and the decay spans the ``total - warmup`` after them.
+    A param group's ``lr_mult`` (``OptimConfig.head_lr_mult``) scales its rate."""
     if done < warmup:
         lr = lr * (done + 1) / warmup
     elif schedule == "linear":
         lr = lr * (1.0 - (done - warmup) / (total - warmup))
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     return lr
 
 
