@@ -196,7 +196,8 @@ class RewardModelTraining:
         cfg, rc = self.cfg, self.cfg.rm
         mcfg, model, info = value_model_from_hf(self.model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,
                                                 dtype=cfg.learner.params_dtype, recompute=cfg.learner.recompute)
-        oc = OptimConfig(lr=rc.lr, distributed_optimizer=cfg.learner.distributed_optimizer, head_lr_mult=rc.head_lr_mult)
+        oc = OptimConfig(lr=rc.lr, distributed_optimizer=cfg.learner.distributed_optimizer,
+                         head_lr_mult=rc.head_lr_mult)
         ddp, opt = wrap_for_training(model, oc)
         dp, dp_rank = ranks()["dp"], ranks()["dp_rank"]
         try:
