@@ -37,7 +37,7 @@ def wrap_for_training(model, oc: OptimConfig):
     fp32 (``grad_reduce_in_fp32``), the optimizer keeps fp32 main weights and Adam state and copies the updated
     weights back to the bf16 model after each step (no loss scaling: bf16 has fp32's exponent range)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer, get_standard_config_overrides
 
     cfg = model.config
     ddp = DistributedDataParallel(
@@ -53,14 +53,12 @@ def wrap_for_training(model, oc: OptimConfig):
         adam_beta2=oc.adam_beta2, clip_grad=oc.clip_grad, bf16=cfg.bf16, fp16=cfg.fp16,
         params_dtype=cfg.params_dtype, use_distributed_optimizer=oc.distributed_optimizer,
     )
-    # only the first two arguments: the third positional argument changed meaning across megatron-core releases
-    if oc.head_lr_mult == 1.0:
-        return ddp, get_megatron_optimizer(ocfg, [ddp])
-    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
-
-    # the head in a param group of its own, marked with its multiplier (megatron-core's ``lr_mult`` field)
+    # megatron-core's default param groups (what it builds when given none); with a head multiplier, the head in a
+    # group of its own marked with it (its ``lr_mult`` field, read by set_lr). Keyword only: the positional arguments
+    # after the first two changed meaning across megatron-core releases.
     overrides = get_standard_config_overrides(ocfg)
-    overrides[ParamKey(name="*output_layer.weight")] = {"lr_mult": oc.head_lr_mult}
+    if oc.head_lr_mult != 1.0:
+        overrides[ParamKey(name="*output_layer.weight")] = {"lr_mult": oc.head_lr_mult}
     return ddp, get_megatron_optimizer(ocfg, [ddp], config_overrides=overrides)
 
 
