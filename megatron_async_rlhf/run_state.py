@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from megatron_async_rlhf.config import RunConfig, run_config_from_dict
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 log = logging.getLogger("megatron_async_rlhf")
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")

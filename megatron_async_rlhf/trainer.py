@@ -136,7 +136,7 @@ class Trainer:
         return get_judge(name)
 
     def run(self) -> dict | None:
-        from megatron_async_rlhf.learner.jobs import model_from_hf
+        from megatron_async_rlhf.learner.build import model_from_hf
         from megatron_async_rlhf.learner.model import build_model
         from megatron_async_rlhf.learner.step import rl_step
         from megatron_async_rlhf.learner.train import OptimConfig, set_lr, wrap_for_training

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_async_rlhf.learner import jobs
-from megatron_async_rlhf.parity import compare, hf_reference, random_batches, reported
+from megatron_async_rlhf.checks import jobs
+from megatron_async_rlhf.checks.parity import compare, hf_reference, random_batches, reported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "convert_checkpoint.py")

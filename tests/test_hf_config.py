@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from megatron_async_rlhf.hf_llama import ConfigError, read_config, rope_inv_freq, validate_parallel
+from megatron_async_rlhf.errors import ConfigError
+from megatron_async_rlhf.weights.llama_config import read_config, rope_inv_freq, validate_parallel
 
 BASE = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=100)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_async_rlhf.parity import reported
+from megatron_async_rlhf.checks.parity import reported
 
 V, VP = 37, 40  # real vocab, padded vocab (3 padded columns that must not count)
 

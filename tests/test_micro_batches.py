@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_async_rlhf.learner.step import plan_micro_batches
-from megatron_async_rlhf.parity import reported
+from megatron_async_rlhf.checks.parity import reported
 
 
 def test_row_count_plan_keeps_order_and_spreads_rows():
@@ -51,7 +51,7 @@ def _batch(vocab: int, prompts: int, k: int, seed: int):
 def _split_job(hf_dir: str, tp: int, pp: int, name: str, splits: list[dict]):
     """One RL step (lr 0: the weights stay put) per way of splitting the same batch: loss, grad norm, local grads."""
     from megatron_async_rlhf.config import AlgorithmConfig
-    from megatron_async_rlhf.learner.jobs import model_from_hf
+    from megatron_async_rlhf.learner.build import model_from_hf
     from megatron_async_rlhf.learner.model import build_model
     from megatron_async_rlhf.learner.step import rl_step
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training

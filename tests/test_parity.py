@@ -8,12 +8,12 @@ import functools
 import pytest
 import torch
 
-from megatron_async_rlhf.hf_llama import read_config
-from megatron_async_rlhf.learner import jobs
-from megatron_async_rlhf.parity import (
+from megatron_async_rlhf.weights.llama_config import read_config
+from megatron_async_rlhf.checks import jobs
+from megatron_async_rlhf.checks.parity import (
     RTOL, compare, fp32_floor, hf_reference, logit_tolerance, logprob_tolerance, random_batches, reported,
 )
-from megatron_async_rlhf.weight_sync_check import evaluate
+from megatron_async_rlhf.checks.weight_sync import evaluate
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 

@@ -82,7 +82,7 @@ def test_placements_off_the_learner_score_like_the_controller(ppool, tiny_models
     (["mode=rm", "rm.warmup_steps=100"], "rm.warmup_steps=100 must be >= 0 and < rm.steps=100"),
 ])
 def test_bad_placements_are_named(overrides, message):
-    from megatron_async_rlhf.hf_llama import ConfigError
+    from megatron_async_rlhf.errors import ConfigError
     from megatron_async_rlhf.train import load_config
 
     with pytest.raises(ConfigError, match=message):

@@ -5,8 +5,8 @@ weights in the optimizer, and switches that must not change the numbers (recompu
 import pytest
 import torch
 
-from megatron_async_rlhf.hf_llama import ConfigError
-from megatron_async_rlhf.parity import random_batches, reported
+from megatron_async_rlhf.errors import ConfigError
+from megatron_async_rlhf.checks.parity import random_batches, reported
 
 # bf16 keeps 8 mantissa bits: a logit L is off by up to ~|L| * 2^-8 from rounding alone, and the weights and every
 # layer's activations are rounded too. Measured on tiny-gqa, batch 8 x 32 (max |logit| 5.2): max |log-prob diff|
@@ -15,14 +15,14 @@ BF16_LOGPROB_RTOL = 0.02  # of the largest |logit|
 
 
 def _learner(hf_dir: str, tp: int, pp: int, dtype, recompute: str = "none"):
-    from megatron_async_rlhf.learner.jobs import model_from_hf
+    from megatron_async_rlhf.learner.build import model_from_hf
 
     return model_from_hf(hf_dir, tp, pp, dtype=dtype, recompute=recompute)
 
 
 def _logprobs_job(hf_dir: str, tp: int, pp: int, tokens: torch.Tensor):
     from megatron_async_rlhf.learner.forward import forward_collect, token_logprobs
-    from megatron_async_rlhf.learner.jobs import _reporter
+    from megatron_async_rlhf.checks.jobs import _reporter
     from megatron_async_rlhf.learner.logprobs import gather_vocab_parallel
 
     out = {}
@@ -61,7 +61,7 @@ def _nll(lp, batch):
 
 
 def _bf16_step_job(hf_dir: str, steps: int):
-    from megatron_async_rlhf.learner.jobs import _reporter
+    from megatron_async_rlhf.checks.jobs import _reporter
     from megatron_async_rlhf.learner.train import OptimConfig, train_step, wrap_for_training
     from megatron_async_rlhf.weights.gather import full_hf_state_dict, stage_hf_tensors
 
@@ -102,7 +102,7 @@ def test_bf16_step_learns_and_keeps_fp32_main_weights(pool, tiny_models):
 
 def _switch_job(hf_dir: str, tp: int, variants: list[dict], steps: int = 2):
     """Train the same steps (each DP rank on its own data) once per variant; the full weights after, per variant."""
-    from megatron_async_rlhf.learner.jobs import _reporter
+    from megatron_async_rlhf.checks.jobs import _reporter
     from megatron_async_rlhf.learner.parallel import ranks
     from megatron_async_rlhf.learner.train import OptimConfig, train_step, wrap_for_training
     from megatron_async_rlhf.weights.gather import full_hf_state_dict

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_async_rlhf.data.tasks import Row, format_prompt, prompt_ids, tokenize_prompts
-from megatron_async_rlhf.hf_llama import ConfigError, check_hf_model
+from megatron_async_rlhf.errors import ConfigError
+from megatron_async_rlhf.weights.llama_config import check_hf_model
 
 
 @pytest.fixture(scope="module")

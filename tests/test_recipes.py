@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.train import load_config, main
 
 

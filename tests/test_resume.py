@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, EVAL_EVERY = 10, 4, 3
@@ -102,7 +102,7 @@ def _train_save_or_load(hf_dir, tp, ckpt_dir, save):
     import torch.distributed as dist
 
     from megatron_async_rlhf.learner import checkpoint as ckpt
-    from megatron_async_rlhf.learner.jobs import model_from_hf
+    from megatron_async_rlhf.learner.build import model_from_hf
     from megatron_async_rlhf.learner.step import sft_step
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
     from megatron_async_rlhf.weights.gather import full_hf_state_dict

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_async_rlhf.algorithms.bradley_terry import bradley_terry_loss
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.learner.value_head import last_token_index, last_token_values, right_padded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,7 @@ def _reported(per_rank):
 @pytest.fixture(scope="module")
 def exported(pool, tiny_models, tmp_path_factory):
     """preset -> (RM directory made by the learner from the LM's trunk + a fresh head, the learner's TP1 values)."""
-    from megatron_async_rlhf.learner import jobs
+    from megatron_async_rlhf.checks import jobs
 
     out = {}
     for preset in ("tiny-gqa", "tiny-tied"):
@@ -121,7 +121,7 @@ def exported(pool, tiny_models, tmp_path_factory):
 def test_exported_reward_model_scores_equal_the_learner(pool, exported, preset, tp, pp):
     from transformers import AutoConfig, AutoTokenizer
 
-    from megatron_async_rlhf.learner import jobs
+    from megatron_async_rlhf.checks import jobs
 
     rm_dir, seqs, learner_tp1 = exported[preset]
     cfg = AutoConfig.from_pretrained(rm_dir)
@@ -314,7 +314,7 @@ def test_converter_round_trip_of_a_reward_model(pool, exported, tmp_path):
     exported at PP2, bit-exact; the CLI refuses a classifier's checkpoint with a language model's config."""
     from safetensors.torch import load_file
 
-    from megatron_async_rlhf.learner import jobs
+    from megatron_async_rlhf.checks import jobs
 
     rm_dir = exported["tiny-tied"][0]
     pool.run(jobs.hf_to_mcore, rm_dir, str(tmp_path / "mc"), 2, 1)
@@ -440,7 +440,7 @@ def test_mode_rm_needs_preference_data_and_a_context_that_exists(tmp_path, capsy
 def test_classifier_with_several_labels_is_rejected(tmp_path, tiny_models, capsys):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from megatron_async_rlhf.hf_llama import check_hf_model
+    from megatron_async_rlhf.weights.llama_config import check_hf_model
     from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["tiny-gqa"])

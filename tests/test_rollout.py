@@ -14,7 +14,7 @@ import time
 import pytest
 
 from megatron_async_rlhf.launch import WorkerError, WorkerGroup
-from megatron_async_rlhf.weight_sync_check import check_job, evaluate, logprob_bound
+from megatron_async_rlhf.checks.weight_sync import check_job, evaluate, logprob_bound
 
 pytestmark = pytest.mark.multiproc
 

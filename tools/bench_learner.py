@@ -45,7 +45,7 @@ def make_rows(vocab: int, batch: int, samples: int, prompt_len: int, completion_
 
 def megatron_step(hf_dir: str, dtype: torch.dtype, batch, rewards, ac):
     """A callable running one RL step on a Megatron learner (policy + reference) built as the trainer builds it."""
-    from megatron_async_rlhf.learner.jobs import model_from_hf
+    from megatron_async_rlhf.learner.build import model_from_hf
     from megatron_async_rlhf.learner.model import build_model
     from megatron_async_rlhf.learner.step import rl_step
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
@@ -121,7 +121,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_async_rlhf.config import AlgorithmConfig
-    from megatron_async_rlhf.hf_llama import read_config
+    from megatron_async_rlhf.weights.llama_config import read_config
     from megatron_async_rlhf.launch import free_port
     from megatron_async_rlhf.learner.parallel import init_learner_parallel
 

@@ -44,7 +44,7 @@ def bench_job(session, hf_dir, cluster, rollout, bucket_mbs, repeats, step, prom
 
     from megatron_async_rlhf.cluster import setup
     from megatron_async_rlhf.config import ClusterConfig, RolloutConfig
-    from megatron_async_rlhf.learner.jobs import model_from_hf
+    from megatron_async_rlhf.learner.build import model_from_hf
     from megatron_async_rlhf.rollout.client import RolloutClient
     from megatron_async_rlhf.rollout.engine import EngineSettings
     from megatron_async_rlhf.rollout.server import serve

@@ -21,9 +21,9 @@ logprob_tolerance=<float> [fp32_floor=<float>]``; exit status 1 when a diff is a
 import argparse
 import logging
 
-from megatron_async_rlhf.hf_llama import check_hf_model, cli_exit
+from megatron_async_rlhf.weights.llama_config import check_hf_model, cli_exit
 from megatron_async_rlhf.launch import run_distributed
-from megatron_async_rlhf.parity import compare, fp32_floor, hf_reference, random_batches, reported
+from megatron_async_rlhf.checks.parity import compare, fp32_floor, hf_reference, random_batches, reported
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     if args.seq_len > cfg.max_position_embeddings:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
 
-    from megatron_async_rlhf.learner import jobs
+    from megatron_async_rlhf.checks import jobs
 
     batches = random_batches(cfg.vocab_size, args.batch, args.seq_len, args.num_batches, args.seed)
     out = reported(run_distributed(args.tp * args.pp, jobs.parity_from_hf, args.hf, args.tp, args.pp, batches,

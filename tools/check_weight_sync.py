@@ -26,7 +26,7 @@ import json
 import logging
 
 from megatron_async_rlhf.config import ClusterConfig
-from megatron_async_rlhf.hf_llama import check_hf_model, cli_exit
+from megatron_async_rlhf.weights.llama_config import check_hf_model, cli_exit
 from megatron_async_rlhf.launch import run_distributed
 
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     world = ClusterConfig(**cluster).validate(cuda=torch.cuda.is_available()).world
 
-    from megatron_async_rlhf.weight_sync_check import check_job, evaluate, logprob_bound
+    from megatron_async_rlhf.checks.weight_sync import check_job, evaluate, logprob_bound
 
     results = run_distributed(world, check_job, "check", cluster, args.hf, args.prompts, args.max_new_tokens,
                               seed=args.seed, rollout=rollout, default_group=False, timeout_s=args.timeout_s * 4)

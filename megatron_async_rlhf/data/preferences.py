@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from megatron_async_rlhf.data.tasks import format_prompt, load_split, prompt_ids
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 Messages = list[dict]
 

@@ -7,7 +7,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import shutil
 
 import torch.distributed as dist
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.weights.hf_io import replace_dir
 
 META = "mrlhf_meta.json"

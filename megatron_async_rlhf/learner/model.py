@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megatron_async_rlhf.hf_llama import LlamaConfig, rope_inv_freq, validate_parallel
+from megatron_async_rlhf.weights.llama_config import LlamaConfig, rope_inv_freq, validate_parallel
 from megatron_async_rlhf.weights.mapping import padded_vocab_size
 
 log = logging.getLogger(__name__)

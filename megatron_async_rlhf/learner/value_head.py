@@ -61,7 +61,7 @@ def value_model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None
     """(LlamaConfig, scalar-head model stage, StageInfo) from an HF directory: a sequence classifier loads whole
     (its ``score`` is the head); a language model gives its trunk and the head starts fresh (normal, std
     ``initializer_range``, the same on every rank). All learner ranks call it together."""
-    from megatron_async_rlhf.hf_llama import read_config
+    from megatron_async_rlhf.weights.llama_config import read_config
     from megatron_async_rlhf.learner.model import build_model
     from megatron_async_rlhf.learner.parallel import init_learner_parallel
     from megatron_async_rlhf.weights.hf_io import HFCheckpoint

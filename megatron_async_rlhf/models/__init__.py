@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

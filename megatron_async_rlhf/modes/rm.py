@@ -144,7 +144,7 @@ class RewardModelTraining:
 
         from megatron_async_rlhf.checks.preferences import load_tokenized_pairs
         from megatron_async_rlhf.data.preferences import comparison_groups, rm_pad_token_id
-        from megatron_async_rlhf.hf_llama import read_config
+        from megatron_async_rlhf.weights.llama_config import read_config
 
         self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
         tok = AutoTokenizer.from_pretrained(model_path)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from megatron_async_rlhf.hf_llama import ConfigError
+from megatron_async_rlhf.errors import ConfigError
 
 Judge = Callable[[list[str], list[str]], list[float]]
 JUDGES: dict[str, Judge] = {}

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_async_rlhf.hf_llama import LlamaConfig
+from megatron_async_rlhf.weights.llama_config import LlamaConfig
 from megatron_async_rlhf.weights import mapping as M
 from megatron_async_rlhf.weights.load import stage_bound
 

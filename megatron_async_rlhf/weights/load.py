@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_async_rlhf.hf_llama import LlamaConfig
+from megatron_async_rlhf.weights.llama_config import LlamaConfig
 from megatron_async_rlhf.weights import mapping as M
 from megatron_async_rlhf.weights.hf_io import HFCheckpoint
 

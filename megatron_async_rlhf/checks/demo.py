@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
 
     from megatron_async_rlhf.launch import WorkerGroup
-    from megatron_async_rlhf.hf_llama import read_config
-    from megatron_async_rlhf.learner import jobs
-    from megatron_async_rlhf.parity import compare, hf_reference, random_batches, reported
+    from megatron_async_rlhf.weights.llama_config import read_config
+    from megatron_async_rlhf.checks import jobs
+    from megatron_async_rlhf.checks.parity import compare, hf_reference, random_batches, reported
     from megatron_async_rlhf.models.tiny import make_tiny_llama
 
     t0 = time.time()

@@ -1,4 +1,4 @@
-"""Whole-learner-pool jobs used by the tools and tests: every rank of the pool calls the same function.
+"""Whole-learner-pool jobs of the checks, tools and tests (parity, conversion, reward-model values): every rank of the pool calls the same function.
 
 Each job (re)initialises Megatron's parallel state for its layout, so one group of processes can run several.
 """
@@ -7,40 +7,18 @@ from __future__ import annotations
 
 import torch
 
-from megatron_async_rlhf.hf_llama import read_config
 from megatron_async_rlhf.learner import checkpoint as ckpt
 from megatron_async_rlhf.learner.forward import forward_collect
 from megatron_async_rlhf.learner.logprobs import gather_vocab_parallel, vocab_parallel_logprobs
-from megatron_async_rlhf.learner.model import build_model
-from megatron_async_rlhf.learner.parallel import init_learner_parallel, ranks
+from megatron_async_rlhf.learner.build import model_from_hf, model_from_mcore
+from megatron_async_rlhf.learner.parallel import ranks
 from megatron_async_rlhf.weights.gather import full_hf_state_dict
-from megatron_async_rlhf.weights.hf_io import HFCheckpoint, save_hf
-from megatron_async_rlhf.weights.load import load_hf_into_stage
-from megatron_async_rlhf.weights.mapping import head_kind
+from megatron_async_rlhf.weights.hf_io import save_hf
 
 
 def _reporter(info) -> bool:
     """The one rank that returns results: last pipeline stage, TP rank 0, DP rank 0."""
     return info.last and info.tp_rank == 0 and ranks()["dp_rank"] == 0
-
-
-def model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None, recompute: str = "none"):
-    """The model an HF directory holds: a language model, or a scalar-head model for a sequence classifier."""
-    cfg = read_config(hf_dir)
-    init_learner_parallel(tp, pp)
-    model, info = build_model(cfg, dtype=dtype, init=False, recompute=recompute, head=head_kind(cfg.raw))
-    load_hf_into_stage(model, info, cfg, HFCheckpoint(hf_dir))
-    return cfg, model, info
-
-
-def model_from_mcore(ckpt_dir: str, hf_config: str | dict, tp: int, pp: int):
-    cfg = read_config(hf_config)
-    meta = ckpt.read_meta(ckpt_dir)
-    ckpt.checkpoint_vocab_fits(meta, tp)
-    init_learner_parallel(tp, pp)
-    model, info = build_model(cfg, init=False, padded_vocab=meta["padded_vocab"], head=head_kind(cfg.raw))
-    ckpt.load_model(model, ckpt_dir)
-    return cfg, model, info
 
 
 def logits_and_logprobs(cfg, model, info, batches: list[torch.Tensor], temperature: float = 1.0):

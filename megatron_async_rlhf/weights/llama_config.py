@@ -12,15 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.weights.mapping import LlamaDims
 
 # config.json model_type values whose tensors and maths are exactly LLaMA's (RMSNorm, SwiGLU, RoPE, GQA, no biases)
 LLAMA_LIKE = ("llama",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ConfigError(ValueError):
-    """A config that cannot work, found before any heavy work starts."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_async_rlhf.cluster import setup
 from megatron_async_rlhf.config import ClusterConfig, RolloutConfig, from_dict
-from megatron_async_rlhf.parity import logit_tolerance, logprob_tolerance
+from megatron_async_rlhf.checks.parity import logit_tolerance, logprob_tolerance
 from megatron_async_rlhf.rollout.engine import EngineSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def check_job(session: str, cluster: dict, hf_dir: str, num_prompts: int = 4, ma
 
 def _learner_side(ctx, hf_dir, num_prompts, max_new_tokens, n, seed, lr, stop_token_ids) -> dict | None:
     from megatron_async_rlhf.learner.forward import completion_logprobs, pad_batch
-    from megatron_async_rlhf.learner.jobs import model_from_hf
+    from megatron_async_rlhf.learner.build import model_from_hf
     from megatron_async_rlhf.learner.train import OptimConfig, train_step, wrap_for_training
     from megatron_async_rlhf.rollout.client import RolloutClient
 
