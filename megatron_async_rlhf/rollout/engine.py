@@ -9,73 +9,16 @@ shared memory (``weight_stream``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
-from megatron_async_rlhf.config import RolloutConfig
+from megatron_async_rlhf.rollout.base import EngineSettings, Sample, SamplingSettings, prompt_seed  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingSettings:
-    """What to sample. ``n`` completions per prompt; generation stops at any ``stop_token_ids`` token (the model's
-    EOS ids) or after ``max_new_tokens``. ``temperature=0`` decodes greedily (evaluation only)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    n: int = 1
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None
-    """Reproducible sampling: prompt ``j`` of the request is sampled with seed ``prompt_seed(seed, j)`` (its index in
-    the whole request, so the samples do not depend on how prompts are split over engines). None: the engine's
-    own random stream."""
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy decoding, for evaluation: "
-                             "its log-probs are not a sampling distribution and must not feed an RL loss)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.max_new_tokens < 1 or self.n < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} and n={self.n} must be >= 1")
-
-
-def prompt_seed(seed: int, prompt_index: int) -> int:
-    """The seed of one prompt of a seeded request; vLLM gives the prompt's n samples ``seed + 0 .. n-1``."""
-    digest = hashlib.blake2b(f"{seed}/{prompt_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2  # 62 bits: room for + n
-
-
-@dataclass
-class Sample:
-    """One completion. ``logprobs[i]`` is the sampler's log-prob of ``token_ids[i]`` (after temperature)."""
-
-    prompt_index: int
-    prompt_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop" (a stop token / EOS) or "length" (max_new_tokens reached)
-    version: int  # the policy version (learner optimizer steps) of the weights that produced it
-    engine: int = 0
-    reward: float | None = None  # raw reward, when scored on the rollout pool (reward.placement=rollout)
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """What an engine is built from: the HF directory (config, tokenizer, initial weights), its tensor-parallel size,
-    and the run's rollout settings."""
-
-    model: str
-    tensor_parallel: int = 1
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 class RolloutEngine:
