@@ -143,7 +143,7 @@ class Trainer:
         from megatron_async_rlhf.preemption import stop_agreed
         from megatron_async_rlhf.rollout.client import RolloutClient
         from megatron_async_rlhf.rollout.engine import SamplingSettings
-        from megatron_async_rlhf.schedule import Schedule
+        from megatron_async_rlhf.schedules.rounds import Schedule
 
         cfg, ac = self.cfg, self.cfg.algorithm
         mcfg, model, info = model_from_hf(self.model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,

@@ -121,7 +121,7 @@ class _Engines:
 
 
 def _run_schedule(monkeypatch, max_staleness, m, steps=8, per=3, lag=0):
-    from megatron_async_rlhf import schedule as S
+    from megatron_async_rlhf.schedules import rounds as S
 
     monkeypatch.setattr(S.dist, "broadcast_object_list", lambda box, src: None)  # one "rank": nothing to send
     eng = _Engines(lag=lag)
@@ -151,7 +151,7 @@ def test_minibatch_j_is_exactly_j_updates_old_plus_the_async_lag(monkeypatch, ma
 
 
 def test_a_round_older_than_allowed_is_refused(monkeypatch):
-    from megatron_async_rlhf.schedule import StalenessError
+    from megatron_async_rlhf.schedules.rounds import StalenessError
 
     with pytest.raises(StalenessError, match="max_staleness"):
         _run_schedule(monkeypatch, 0, 2, lag=2)  # samples 2 updates older than the engines' weights

@@ -1,0 +1,1 @@
+"""Schedules: when rounds are generated, trained and weights move (``rounds.py``)."""
