@@ -7,6 +7,7 @@ Imports nothing heavy.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from megatron_async_rlhf.errors import ConfigError
@@ -98,19 +99,13 @@ class ClusterConfig:
 
 
 @dataclass(kw_only=True)
-class RolloutConfig:
-    """The engines' build settings."""
+class VLLMConfig:
+    """Settings only the vLLM backend reads (``rollout.vllm.*``)."""
 
-    dtype: str = "float32"
-    """Engine weights dtype: float32 on CPU for exact parity; bfloat16 on GPU."""
-    max_model_len: int = 256
-    """Prompt + completion tokens an engine accepts."""
     kv_cache_gib: float = 1.0
     """CPU: KV cache size (vLLM's own memory probe refuses to start in CPU sandboxes)."""
     gpu_memory_utilization: float = 0.85
     """GPU: share of device memory vLLM may use."""
-    seed: int = 0
-    """Engine seed (each engine adds its index)."""
     engine_multiprocess: bool | None = None
     """vLLM's multi-process mode (``VLLM_ENABLE_V1_MULTIPROCESSING``): the engine core and its workers in their own
     processes, weights handed over through shared memory. None: on with GPUs, off on CPU (in-process: ~3 s start-up
@@ -119,6 +114,35 @@ class RolloutConfig:
     """No CUDA graphs / torch.compile: compiling costs more than it saves for small models and CPU runs."""
     extra: dict = field(default_factory=dict)
     """Other vllm.LLM keyword arguments, passed through."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """The engines' build settings."""
+
+    backend: str = "vllm"
+    """Which rollout backend samples (``rollout/base.py`` registry): ``vllm`` (fast; the production engine) or
+    ``hf`` (plain transformers, one sequence at a time: slow but exact, for debugging log-prob mismatches and for
+    architectures vLLM cannot serve; TP 1 only)."""
+    dtype: str = "float32"
+    """Engine weights dtype: float32 on CPU for exact parity; bfloat16 on GPU."""
+    max_model_len: int = 256
+    """Prompt + completion tokens an engine accepts."""
+    seed: int = 0
+    """Engine seed (each engine adds its index)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM-only settings, read when ``backend=vllm``."""
+
+    RENAMED = {k: f"rollout.vllm.{k}" for k in
+               ("kv_cache_gib", "gpu_memory_utilization", "engine_multiprocess", "enforce_eager", "extra")}
+    """Old flat names (before the backend interface) -> their new place, which from_dict's error names."""
+
+    def validate(self) -> "RolloutConfig":
+        """The backend must be registered (imports the backend modules, not their libraries)."""
+        from megatron_async_rlhf.rollout.base import backend_class
+
+        backend_class(self.backend)  # a ConfigError listing the registered names
+        return self
 
 
 @dataclass(kw_only=True)
@@ -160,13 +184,18 @@ class LearnerConfig:
         return self
 
 
-def from_dict(cls, d: dict | None):
-    """Build a config dataclass from a plain dict, rejecting unknown keys with the list of known ones."""
+def from_dict(cls, d: dict | None, where: str = ""):
+    """Build a config dataclass from a plain dict, rejecting unknown keys with the list of known ones. ``where``:
+    the section's name in messages (default: the class's)."""
     d = dict(d or {})
+    name = where or cls.__name__
     types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    moved = sorted(set(d) & set(getattr(cls, "RENAMED", {})))
+    if moved:
+        raise ConfigError("; ".join(f"{name}.{k} moved: set {cls.RENAMED[k]} instead" for k in moved))
     unknown = sorted(set(d) - set(types))
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(types)}")
+        raise ConfigError(f"unknown {name} field(s) {unknown}; known: {sorted(types)}")
     for k, v in d.items():  # YAML reads 1e-3 as a string; command lines give strings
         t = types[k]
         try:
@@ -177,8 +206,18 @@ def from_dict(cls, d: dict | None):
             elif t in ("bool", "bool | None") and isinstance(v, str):
                 d[k] = {"true": True, "false": False}[v.lower()]
         except (ValueError, KeyError):
-            raise ConfigError(f"{cls.__name__}.{k}={v!r} is not a valid {t}") from None
+            raise ConfigError(f"{name}.{k}={v!r} is not a valid {t}") from None
+        sub = _nested(cls, k) if isinstance(v, dict) else None
+        if sub is not None:  # a section inside this section
+            d[k] = from_dict(sub, v, f"{name}.{k}")
     return cls(**d)
+
+
+def _nested(cls, name: str):
+    """The dataclass type of field ``name`` of ``cls`` (a nested section), else None. Annotations are strings here
+    (``from __future__ import annotations``): resolved with ``typing.get_type_hints``."""
+    t = typing.get_type_hints(cls).get(name)
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
 
 
 @dataclass(kw_only=True)
@@ -319,44 +358,31 @@ class RMConfig:
 
 
 @dataclass(kw_only=True)
-class AlgorithmConfig:
+class _AlgorithmFields:
+    """``algorithm.*``: what every algorithm shares (schedule, sampling, optimiser). Each registered algorithm adds
+    its own section ``algorithm.<name>`` (its ``Config``, ``algorithms/<name>.py``): see ``AlgorithmConfig``."""
+
     name: str = "online_dpo"
-    """online_dpo | rloo | ppo"""
+    """The RL algorithm, a name registered in ``algorithms/`` (online_dpo | rloo | ppo | ppo_critic | grpo); its
+    settings are the section ``algorithm.<name>``."""
     steps: int = 20
     prompts_per_step: int = 16
     samples_per_prompt: int = 2
-    """k: completions per prompt (online DPO pairs the best and worst)."""
+    """k: completions per prompt (online DPO pairs the best and worst; the others' baselines are the group's)."""
     max_staleness: int = 1
-    """N: optimizer steps a sample's weights may lag the learner (0 = synchronous)."""
+    """How many generation rounds the rollout pool may run ahead of the learner: 0 = synchronous (a round is
+    generated with the learner's current weights), 1 = the paper's one-step off-policy asynchronous RLHF (round r+1
+    is generated while round r trains). Counted in rounds of ``off_policy_n`` optimizer steps (``schedules/``)."""
     sync_every_step: bool = True
-    """Push weights after every step (freshest samples). False: only when the next batch would exceed N."""
+    """Push weights at every round (freshest samples). False: only when the next round would exceed
+    ``max_staleness``."""
     off_policy_n: int = 1
     """The paper's N (exact off-policyness): each generation round samples N mini-batches of ``prompts_per_step``
     prompts with one policy, trained as N consecutive optimizer steps, so mini-batch i (0-based) is exactly i updates
-    old (plus ``max_staleness`` rounds of N when asynchronous; see schedule.py). Must divide ``steps``. 1: off."""
+    old (plus ``max_staleness`` rounds of N when asynchronous; see schedules/rounds.py). Must divide ``steps``. 1: off."""
     updates_per_batch: int = 1
     """Optimizer steps on each mini-batch (the paper's "more updates per batch"; PPO epochs). With > 1 the PPO ratio
     is against the learner's log-probs before the first of them, so the clip acts."""
-    critic: bool = False
-    """ppo only: the paper's PPO with a value model (initialised from ``reward.reward_model_path`` with
-    reward.kind=reward_model, else from the policy's trunk with a fresh head), per-token KL penalty in the reward
-    (``kl_coef``), GAE, whitened advantages, clipped value loss. False: critic-free PPO (group baseline, GRPO-style)."""
-    gae_gamma: float = 1.0
-    gae_lambda: float = 0.95
-    value_coef: float = 0.1
-    """ppo with critic: the value loss's weight (the critic has its own Adam, so this scales its gradient before
-    clipping; with ``critic_lr`` it sets how fast the critic moves)."""
-    value_clip: float = 0.2
-    """ppo with critic: value predictions move at most this far from the batch's old values (clipped value loss)."""
-    critic_lr: float = 0.0
-    """ppo with critic: the critic's learning rate; 0: ``lr``."""
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    """online DPO: sigmoid (DPO) or ipo."""
-    kl_coef: float = 0.05
-    """RLOO and PPO with critic: KL-to-reference penalty in the reward (per sequence / per token)."""
-    clip_eps: float = 0.2
-    tis_cap: float = 2.0
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
@@ -366,11 +392,21 @@ class AlgorithmConfig:
     micro_batch: int = 16
     clip_grad: float = 1.0
 
-    def validate(self) -> "AlgorithmConfig":
-        from megatron_async_rlhf.algorithms import ALGORITHMS
+    RENAMED = {
+        "beta": "algorithm.online_dpo.beta", "loss_type": "algorithm.online_dpo.loss_type",
+        "kl_coef": "algorithm.<name>.kl_coef (rloo, ppo_critic, grpo)",
+        "clip_eps": "algorithm.<name>.clip_eps (ppo, ppo_critic, grpo)",
+        "tis_cap": "algorithm.<name>.tis_cap (ppo, ppo_critic, grpo)",
+        "critic": "algorithm.name=ppo_critic (PPO with a value model; algorithm.name=ppo is the critic-free one)",
+        **{k: f"algorithm.ppo_critic.{k}" for k in ("gae_gamma", "gae_lambda", "value_coef", "value_clip",
+                                                     "critic_lr")},
+    }
+    """Old flat names (before the per-algorithm sections) -> their new place, which from_dict's error names."""
 
-        if self.name not in ALGORITHMS:
-            raise ConfigError(f"algorithm.name={self.name!r} unknown; choose one of {list(ALGORITHMS)}")
+    def validate(self) -> "AlgorithmConfig":
+        from megatron_async_rlhf.algorithms import build_algorithm
+
+        algo = build_algorithm(self)  # an unknown name is a ConfigError listing the registered ones
         if self.samples_per_prompt < 2:
             raise ConfigError(f"algorithm.samples_per_prompt={self.samples_per_prompt}: {self.name} needs k >= 2 "
                               "samples per prompt (pairs / a baseline)")
@@ -379,8 +415,6 @@ class AlgorithmConfig:
         if self.temperature <= 0:
             raise ConfigError(f"algorithm.temperature={self.temperature}: RL samples need temperature > 0 (the loss "
                               "uses their log-probs); evaluation already decodes greedily")
-        if self.loss_type not in ("sigmoid", "ipo"):
-            raise ConfigError(f"algorithm.loss_type={self.loss_type!r}: use sigmoid or ipo")
         for k in ("steps", "prompts_per_step", "max_new_tokens", "micro_batch", "off_policy_n", "updates_per_batch"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"algorithm.{k} must be >= 1")
@@ -389,11 +423,23 @@ class AlgorithmConfig:
                               "each generation round is trained as off_policy_n optimizer steps")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"algorithm.lr_schedule={self.lr_schedule!r}: use constant or linear")
-        if self.critic and self.name != "ppo":
-            raise ConfigError(f"algorithm.critic=true is PPO's value model; algorithm.name={self.name!r} has none")
-        if not (0 <= self.gae_gamma <= 1 and 0 <= self.gae_lambda <= 1) or self.value_clip <= 0 or self.critic_lr < 0:
-            raise ConfigError("algorithm.gae_gamma and gae_lambda must be in [0, 1], value_clip > 0, critic_lr >= 0")
+        algo.check()
         return self
+
+
+def _algorithm_config() -> type:
+    """``AlgorithmConfig``: the shared fields plus one section per registered algorithm (``algorithm.<name>``, its
+    ``Config``), so that a new algorithm is one new module under ``algorithms/`` and nothing here changes."""
+    from megatron_async_rlhf.algorithms import ALGORITHMS
+
+    cls = dataclasses.make_dataclass(
+        "AlgorithmConfig", [(n, ALGORITHMS[n].Config, field(default_factory=ALGORITHMS[n].Config))
+                            for n in sorted(ALGORITHMS)], bases=(_AlgorithmFields,), kw_only=True)
+    cls.__module__, cls.__doc__ = __name__, _AlgorithmFields.__doc__
+    return cls
+
+
+AlgorithmConfig = _algorithm_config()
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ import math
 import os
 import time
 
-from megatron_async_rlhf.rollout.engine import SamplingSettings
+from megatron_async_rlhf.rollout.base import SamplingSettings
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -112,3 +112,66 @@ class Evaluator:
                 "mean_tokens": sum(len(s.token_ids) for s in samples) / max(n, 1),
                 "eos_fraction": sum(s.finish_reason == "stop" for s in samples) / max(n, 1),
                 "eval_s": time.perf_counter() - t0, **paired, "file": path}
+
+
+def eval_judge(cfg):
+    """``eval.judge``: a registry judge, the run's reward model (``reward_model``), a reward model directory, or None."""
+    from megatron_async_rlhf.rewards.judges import get_judge
+
+    name = cfg.eval.judge
+    if not name:
+        return None
+    if name == "reward_model" or "/" in name:
+        from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
+
+        rm = (RewardModelScorer(cfg.reward.reward_model_path, dtype=cfg.reward.dtype)
+              if name == "reward_model" else RewardModelScorer(name))
+        return lambda prompts, completions: rm.score(prompts, completions).tolist()
+    return get_judge(name)
+
+
+class Evaluations:
+    """An RL run's evaluations: the starting policy's, one every ``eval.every`` steps at a moment the engines hold the
+    learner's weights (``schedules.ENGINES_IDLE``), the final one. The controller runs them and logs each; the other
+    learner ranks only keep the cadence. ``state()`` goes into checkpoints; ``state`` resumes from one."""
+
+    def __init__(self, cfg, data, reward_fn, metrics, is_controller: bool, state: dict | None = None):
+        self.cfg, self.data, self.reward_fn, self.metrics = cfg, data, reward_fn, metrics
+        self.is_controller = is_controller
+        self._evaluator: Evaluator | None = None  # built at its first use (it may load a judge model)
+        self.before = state["before"] if state else None  # the starting policy's evaluation (the run sets it)
+        self.last_version = state["last_version"] if state else 0  # the last mid-run evaluation's version
+        if state and is_controller:
+            self.evaluator().first = state["first"]
+
+    def evaluator(self) -> Evaluator:
+        from megatron_async_rlhf.rewards.placement import raw_rewards
+
+        if self._evaluator is None:
+            cfg, d = self.cfg, self.data
+            self._evaluator = Evaluator(d.eval_ids, d.eval_rows, lambda samples, rows: raw_rewards(self.reward_fn,
+                                                                                                   samples, rows),
+                                        d.tok, cfg.logging.out_dir, cfg.eval_max_new_tokens, d.stops,
+                                        judge=eval_judge(cfg), against_answers=cfg.eval.win_rate_against == "answers")
+        return self._evaluator
+
+    def due(self, version: int) -> bool:
+        """A mid-run evaluation is due at ``version`` (every ``eval.every`` RL steps; the final one is not mid-run);
+        if so it counts as done."""
+        every = self.cfg.eval.every
+        if every and version < self.cfg.algorithm.steps and version // every > self.last_version // every:
+            self.last_version = version
+            return True
+        return False
+
+    def run(self, client, step: int) -> dict | None:
+        """Greedy pass@1 on the held-out prompts with the engines' current weights (controller; None elsewhere),
+        logged and written row by row."""
+        if not self.is_controller:
+            return None
+        out = self.evaluator().run(client, step)
+        self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
+        return out
+
+    def state(self) -> dict:
+        return {"before": self.before, "first": self.evaluator().first, "last_version": self.last_version}

@@ -3,7 +3,8 @@
 One group of 4 processes serves every layout (ranks 0-1 learners, 2-3 engines; vLLM is started once per process):
 learner TP2 -> 1 engine, PP2 -> 1 engine, TP1 x DP2 -> 2 engines (in-process engines), and learner TP2 -> one
 multi-process engine with vLLM TP2 (rank 2 its leader, rank 3 idle; weights through shared memory, bucket by
-bucket). A separate 2-process group is killed on purpose.
+bucket). The transformers backend (``rollout.backend=hf``) passes the same check on the PP2 layout. A separate
+2-process group is killed on purpose.
 """
 
 import json
@@ -30,12 +31,16 @@ def rpool():
     ({"learner_tp": 2, "rollout_engines": 1}, 3, None),
     ({"learner_pp": 2, "rollout_engines": 1, "bucket_mb": 0.05}, 3, None),
     ({"learner_dp": 2, "rollout_engines": 2}, 4, None),
-    ({"learner_tp": 2, "rollout_engines": 1, "rollout_tp": 2, "bucket_mb": 0.2}, 4, {"engine_multiprocess": True}),
-], ids=["tp2-1engine", "pp2-1engine-small-buckets", "tp1dp2-2engines", "tp2-1engine-multiprocess-rollout-tp2"])
+    ({"learner_tp": 2, "rollout_engines": 1, "rollout_tp": 2, "bucket_mb": 0.2},
+     4, {"vllm": {"engine_multiprocess": True}}),
+    # the second backend: the same buckets, the same parity bound, into a plain transformers model
+    ({"learner_pp": 2, "rollout_engines": 1, "bucket_mb": 0.05}, 3, {"backend": "hf"}),
+], ids=["tp2-1engine", "pp2-1engine-small-buckets", "tp1dp2-2engines", "tp2-1engine-multiprocess-rollout-tp2",
+        "hf-pp2-1engine-small-buckets"])
 def test_sync_parity_before_and_after_a_step(rpool, tiny_models, layout, world, rollout):
     # tied embeddings (the lm_head reload fix) where PP2 has the tied copy and where vLLM shards over TP2
     preset = "tiny-tied" if layout.get("learner_pp") or layout.get("rollout_tp") else "tiny-gqa"
-    session = f"sync-{'-'.join(f'{k}{v}' for k, v in layout.items())}"
+    session = f"sync-{(rollout or {}).get('backend', 'vllm')}-{'-'.join(f'{k}{v}' for k, v in layout.items())}"
     res = rpool.run(check_job, session, {**layout, "timeout_s": 60}, tiny_models[preset], num_prompts=4,
                     max_new_tokens=10, n=2, world_size=world, rollout=rollout)
     report = res[0]
@@ -66,9 +71,8 @@ def _finish_job(session, hf_dir, world_size):
     from megatron_async_rlhf.cluster import setup
     from megatron_async_rlhf.config import ClusterConfig, RolloutConfig
     from megatron_async_rlhf.rollout.client import RolloutClient
-    from megatron_async_rlhf.rollout.engine import SamplingSettings
+    from megatron_async_rlhf.rollout.base import EngineSettings, SamplingSettings
     from megatron_async_rlhf.rollout.server import serve
-    from megatron_async_rlhf.rollout.engine import EngineSettings
 
     ctx = setup(ClusterConfig(rollout_engines=1, timeout_s=60), session, world_size)
     if ctx is None:
@@ -105,9 +109,8 @@ def _fault_job(session, hf_dir, out_path):
     from megatron_async_rlhf.cluster import RolloutError, setup
     from megatron_async_rlhf.config import ClusterConfig, RolloutConfig
     from megatron_async_rlhf.rollout.client import RolloutClient
-    from megatron_async_rlhf.rollout.engine import SamplingSettings
+    from megatron_async_rlhf.rollout.base import EngineSettings, SamplingSettings
     from megatron_async_rlhf.rollout.server import serve
-    from megatron_async_rlhf.rollout.engine import EngineSettings
 
     ctx = setup(ClusterConfig(rollout_engines=2, timeout_s=5), session)
     if ctx.role.kind == "engine":

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learner-pp", type=int, default=1)
     ap.add_argument("--rollout-engines", type=int, default=1)
     ap.add_argument("--rollout-tp", type=int, default=1)
-    ap.add_argument("--multiprocess", action="store_true", help="vLLM multi-process engines (rollout.engine_multiprocess)")
+    ap.add_argument("--multiprocess", action="store_true", help="vLLM multi-process engines (rollout.vllm.engine_multiprocess)")
+    ap.add_argument("--backend", default="vllm", help="rollout.backend: vllm or hf")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--bucket-mb", type=float, default=64.0)
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     check_hf_model(args.hf, args.learner_tp, args.learner_pp)
     cluster = dict(learner_tp=args.learner_tp, learner_pp=args.learner_pp, rollout_engines=args.rollout_engines,
                    rollout_tp=args.rollout_tp, bucket_mb=args.bucket_mb, timeout_s=args.timeout_s)
-    rollout = {"engine_multiprocess": True} if args.multiprocess else {}
+    rollout = {"backend": args.backend, **({"vllm": {"engine_multiprocess": True}} if args.multiprocess else {})}
     import torch
 
     world = ClusterConfig(**cluster).validate(cuda=torch.cuda.is_available()).world

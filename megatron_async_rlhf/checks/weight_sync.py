@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron_async_rlhf.cluster import setup
 from megatron_async_rlhf.config import ClusterConfig, RolloutConfig, from_dict
 from megatron_async_rlhf.checks.parity import logit_tolerance, logprob_tolerance
-from megatron_async_rlhf.rollout.engine import EngineSettings, SamplingSettings
+from megatron_async_rlhf.rollout.base import EngineSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
 

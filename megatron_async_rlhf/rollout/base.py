@@ -190,7 +190,7 @@ def register_backend(name: str):
 
 def _import_backends() -> None:
     """Import the built-in backends so they register (each imports its heavy library only when built)."""
-    from megatron_async_rlhf.rollout import engine  # noqa: F401
+    from megatron_async_rlhf.rollout import engine, hf  # noqa: F401
 
 
 def registered_backends() -> list[str]:

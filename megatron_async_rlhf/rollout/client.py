@@ -13,7 +13,7 @@ import time
 import torch.distributed as dist
 
 from megatron_async_rlhf.cluster import ClusterContext, RolloutError
-from megatron_async_rlhf.rollout.engine import Sample, SamplingSettings
+from megatron_async_rlhf.rollout.base import Sample, SamplingSettings
 from megatron_async_rlhf.weights.gather import stage_hf_groups
 from megatron_async_rlhf.weights.sync import PackBuffers, send_stage
 
@@ -78,9 +78,8 @@ class RolloutClient:
         return self.ctx.control.recv_obj(engine + 1, f"scoring {len(sequences)} sequences")["logprobs"]
 
     # ----- weights (every learner rank) ------------------------------------------------------------------------
-    def sync_weights(self, model, info, cfg, version: int, keep: bool = False) -> dict:
-        """Push the learner's current weights to every engine as ``version``. Collective over the learner pool.
-        ``keep``: the engines keep a copy of what they received (for ``bench_engine_load``)."""
+    def sync_weights(self, model, info, cfg, version: int) -> dict:
+        """Push the learner's current weights to every engine as ``version``. Collective over the learner pool."""
         from megatron.core import parallel_state as ps
 
         if self._pending is not None:
@@ -88,7 +87,7 @@ class RolloutClient:
         t0 = time.perf_counter()
         if self.ctx.is_controller:
             for e in range(self.engines):
-                self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp, "keep": keep}, e + 1,
+                self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp}, e + 1,
                                           f"starting weight sync v{version}")
         if ps.get_data_parallel_rank() == 0:
             bucket = int(self.ctx.cfg.bucket_mb * 2**20)
@@ -120,31 +119,6 @@ class RolloutClient:
         self.last_sync = stats
         dist.barrier()  # the whole learner pool leaves the sync together
         return stats
-
-    # ----- benchmark references (controller only) ---------------------------------------------------------------
-    def bench_raw_broadcast(self, nbytes: int) -> float:
-        """Seconds for one plain broadcast of ``nbytes`` over bridge 0 into memory the engines made beforehand, until
-        every engine acknowledged: what the transport alone costs for a sync of that size."""
-        import torch
-
-        for e in range(self.engines):
-            self.ctx.control.send_obj({"cmd": "raw_broadcast", "bytes": nbytes}, e + 1, "starting a raw broadcast")
-        for e in range(self.engines):
-            self.ctx.control.recv_obj(e + 1, "preparing a raw broadcast")
-        buf = torch.ones(nbytes, dtype=torch.uint8)
-        t0 = time.perf_counter()
-        self.ctx.control.broadcast(buf, 0, "sending a raw broadcast")
-        for e in range(self.engines):
-            self.ctx.control.recv_obj(e + 1, "receiving a raw broadcast")
-        return time.perf_counter() - t0
-
-    def bench_engine_load(self) -> dict:
-        """The engines re-load the buckets they kept from the last ``sync_weights(keep=True)``, already in their
-        memory: the engine-side cost of a sync alone. The slowest engine's stats, timed by the engine."""
-        for e in range(self.engines):
-            self.ctx.control.send_obj({"cmd": "load_kept"}, e + 1, "starting a load of kept weights")
-        acks = [self.ctx.control.recv_obj(e + 1, "loading kept weights") for e in range(self.engines)]
-        return max(acks, key=lambda a: a["seconds"])
 
     def shutdown(self) -> list[dict]:
         """Stop the engines (a request still in flight is drained first: an engine busy sending its samples would

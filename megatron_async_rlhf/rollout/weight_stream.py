@@ -1,4 +1,5 @@
-"""An engine leader's side of a weight sync: received buckets streamed into vLLM's workers, each loaded on arrival.
+"""The vLLM backend's side of a weight sync: received buckets streamed into vLLM's workers, each loaded on arrival
+(driven by ``RolloutBackend.load_weight_stream``), and the process-memory helpers every backend's stats use.
 
 In-process engines get each bucket's tensors (views of the received buffer) directly. Multi-process engines (vLLM's
 ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, one worker process per TP rank) get the name of a shared-memory file that the
@@ -16,12 +17,10 @@ import itertools
 import logging
 import os
 import re
-import time
-from typing import Iterator
 
 import torch
 
-from megatron_async_rlhf.weights.sync import Header, consume_prefetched, header_bytes, unpack
+from megatron_async_rlhf.weights.sync import Header, header_bytes, unpack
 
 _SHM_DIR = "/dev/shm"
 _counter = itertools.count()
@@ -149,41 +148,12 @@ def unpack_shared(desc: dict, maps: dict | None = None) -> list[tuple[str, torch
     return unpack(header, flat[:size])
 
 
-def load_stream(llm, buckets: Iterator[tuple[Header, torch.Tensor]], shared: bool, keep: list | None = None
-                ) -> dict:
-    """Load every bucket of ``buckets`` into the engine's workers as it arrives (received in a background thread, one
-    bucket ahead). ``shared``: the workers run in other processes and the buckets were received into ``shm_alloc``
-    buffers. ``keep``: a list that receives a copy of every bucket (the benchmark's load-only timing re-loads them).
-    Returns bytes, tensors, timings and peak extra memory."""
-    rss0 = reset_peak_rss()
-    t0 = time.perf_counter()
-    llm.collective_rpc("begin_weight_stream")
-    stats = {"bytes": 0, "buckets": 0, "max_bucket_bytes": 0, "load_s": 0.0}
-
-    def load(item):
-        header, flat = item
-        tl = time.perf_counter()
-        if keep is not None:
-            keep.append((header, (shm_alloc(flat.numel()) if shared else torch.empty_like(flat)).copy_(flat)))
-        if shared:
-            desc = {"shm": _SHM_PATHS[_key(flat)], "capacity": flat.untyped_storage().nbytes(), "header": header}
-            llm.collective_rpc("load_weight_bucket", args=(desc,))
-        else:
-            llm.collective_rpc("load_weight_bucket", args=(unpack(header, flat),))
-        stats["load_s"] += time.perf_counter() - tl
-        stats["bytes"] += flat.numel()
-        stats["buckets"] += 1
-        stats["max_bucket_bytes"] = max(stats["max_bucket_bytes"], flat.numel())
-
-    consume_prefetched(buckets, load)
-    workers = llm.collective_rpc("finish_weight_stream")
-    stats["seconds"] = time.perf_counter() - t0
-    stats["tensors"] = workers[0]["tensors"]
-    stats["worker_pids"] = [w["pid"] for w in workers]
-    extra = {os.getpid(): peak_rss() - rss0}
-    for w in workers:
-        if w["pid"] != os.getpid():
-            extra[w["pid"]] = w["peak_extra_bytes"]
-    stats["peak_extra_bytes"] = max(extra.values())
-    stats["peak_extra_by_process"] = extra
-    return stats
+def load_bucket(llm, header: Header, flat: torch.Tensor) -> None:
+    """Load one received bucket into every worker of ``llm``: the shared-memory file's name when ``flat`` was made by
+    ``shm_alloc`` (workers in other processes map it), else the (name, tensor) views themselves (in-process)."""
+    path = _SHM_PATHS.get(_key(flat))
+    if path is not None:
+        desc = {"shm": path, "capacity": flat.untyped_storage().nbytes(), "header": header}
+        llm.collective_rpc("load_weight_bucket", args=(desc,))
+    else:
+        llm.collective_rpc("load_weight_bucket", args=(unpack(header, flat),))
