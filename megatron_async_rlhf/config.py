@@ -501,8 +501,8 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     mode: str = "rl"
-    """rl (warm start if sft.steps > 0, then RL) | sft (supervised only) | rm (reward model on preference pairs,
-    ``modes/rm.py``; learner ranks only, no rollout engines)"""
+    """A run mode of ``modes/``: rl (warm start if sft.steps > 0, then RL) | sft (supervised only) | rm (reward model
+    on preference pairs). sft and rm start learner ranks only, no rollout engines."""
     seed: int = 0
     pin_cpus: bool = True
     """CPU: pin learner ranks and engine ranks to separate cores."""
@@ -525,11 +525,13 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, cuda: bool = False) -> "RunConfig":
-        if self.mode not in ("rl", "sft", "rm"):
-            raise ConfigError(f"mode={self.mode!r}: use rl, sft or rm")
+        from megatron_async_rlhf.modes import MODES
+
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}: use one of {sorted(MODES)}")
         if self.mode == "rm":
             self.rm.validate(self.cluster.learner_dp)
-        elif self.cluster.rollout_engines < 1:
+        elif self.mode == "rl" and self.cluster.rollout_engines < 1:
             raise ConfigError(f"cluster.rollout_engines={self.cluster.rollout_engines}: mode={self.mode} needs at "
                               "least one rollout engine")
         self.algorithm.validate()
@@ -582,7 +584,7 @@ class RunConfig:
                               "data.answer_key, or use reward.kind=reward_model / judge")
         if self.reward.kind == "math" and self.data.source == "synthetic_chat":
             raise ConfigError("data.source=synthetic_chat has prompts only: use reward.kind=reward_model or judge")
-        if self.mode == "rm":  # no engine: the context checks below are about generation
+        if self.mode != "rl":  # no engine: the context checks below are about generation
             return self
         need = self.data.max_prompt_len + self.algorithm.max_new_tokens
         if need > self.rollout.max_model_len:

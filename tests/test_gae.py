@@ -58,9 +58,9 @@ def test_clipped_value_loss_by_hand():
 
 
 def test_critic_advantages_over_micro_batches_by_hand():
-    """learner/critic.gae_advantages on the learner's [b, s-1] layout (completions start after prompt positions),
+    """algorithms/ppo_critic.gae_advantages on the learner's [b, s-1] layout (completions start after prompt positions),
     two micro-batches whitened together; gamma 1, lambda 1, kl_coef 0.1."""
-    from megatron_async_rlhf.learner.critic import gae_advantages
+    from megatron_async_rlhf.algorithms.ppo_critic import gae_advantages
 
     a = {"rows": torch.tensor([0]), "mask": torch.tensor([[0.0, 1, 1]]), "sampler": torch.tensor([[0.0, -1, -1]]),
          "ref": torch.tensor([[0.0, -1.5, -1]]), "old_values": torch.tensor([[0.0, 0.5, 0.2]])}

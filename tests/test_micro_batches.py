@@ -76,7 +76,8 @@ def _split_job(hf_dir: str, tp: int, pp: int, name: str, splits: list[dict]):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name,tp,pp", [("online_dpo", 1, 1), ("rloo", 1, 2), ("ppo", 2, 1), ("online_dpo", 2, 2)])
+@pytest.mark.parametrize("name,tp,pp", [("online_dpo", 1, 1), ("rloo", 1, 2), ("ppo", 2, 1), ("online_dpo", 2, 2),
+                                        ("grpo", 1, 1)])
 def test_any_split_gives_the_loss_and_gradient_of_one_padded_batch(pool, tiny_models, name, tp, pp):
     splits = [{}, {"max_tokens": 48}, {"micro_batch": 6}]  # one padded batch; a token budget; 6 + 6 + 4 rows
     per_rank = pool.run(_split_job, tiny_models["tiny-gqa"], tp, pp, name, splits)

@@ -13,14 +13,14 @@ def test_recipes_load_and_validate(recipe, cuda):
     a = cfg.algorithm
     if recipe == "llama3_8b_chat":  # the paper's chatbot values (mnoukhov/async_rlhf; see the recipe's header)
         assert cfg.cluster.world == 16 and cfg.reward.kind == "reward_model"
-        assert (a.samples_per_prompt, a.beta, a.lr, a.lr_schedule, a.temperature) == (2, 0.03, 8e-7, "linear", 0.7)
+        assert (a.samples_per_prompt, a.online_dpo.beta, a.lr, a.lr_schedule, a.temperature) == (2, 0.03, 8e-7, "linear", 0.7)
         assert a.prompts_per_step * a.samples_per_prompt == 256 and a.max_new_tokens == 1024
         assert cfg.reward.missing_eos_penalty == 10.0 and cfg.data.eval_size == 500
         assert (cfg.eval.judge, cfg.eval.win_rate_against, cfg.data.answer_key) == ("reward_model", "answers",
                                                                                     "messages")
     if recipe == "rho1b_gsm8k":
         assert cfg.reward.kind == "math" and a.samples_per_prompt == 4
-        assert (a.beta, a.lr, a.temperature, a.max_new_tokens, a.prompts_per_step) == (0.1, 3e-6, 0.7, 512, 252)
+        assert (a.online_dpo.beta, a.lr, a.temperature, a.max_new_tokens, a.prompts_per_step) == (0.1, 3e-6, 0.7, 512, 252)
         assert cfg.data.prompt_template == "[MATH_TASK] Problem:\n{question}\n\nSolution:"
         assert cfg.eval_max_new_tokens == 512 and cfg.learner.precision == "bf16"
 
@@ -38,7 +38,7 @@ def test_gpu_recipes_are_rejected_on_cpu_with_a_reason():
     ("recipe=nope", "Known recipes"),
     ("algorithm.bogus=1", "unknown AlgorithmConfig field"),
     ("algorithm.off_policy_n=3", "off_policy_n=3 must divide algorithm.steps=100"),
-    ("algorithm.critic=true", "algorithm.critic=true is PPO's value model"),
+    ("algorithm.critic=true", "set algorithm.name=ppo_critic"),
     ("eval.win_rate_against=answers", "needs eval.judge"),
 ])
 def test_bad_configs(override, message, capsys):

@@ -67,7 +67,7 @@ def test_resume_finds_the_newest_complete_checkpoint_and_refuses_changed_fields(
     assert find_resume(_cfg(out, "resume=auto", "algorithm.steps=20", "cluster.learner_tp=2",
                             "checkpoint.every=3", "logging.wandb_mode=disabled")) == newest
     with pytest.raises(ConfigError, match=r"algorithm\.beta=0\.5 \(checkpoint: 0\.1\)"):
-        find_resume(_cfg(out, "resume=auto", "algorithm.beta=0.5"))
+        find_resume(_cfg(out, "resume=auto", "algorithm.online_dpo.beta=0.5"))
     with pytest.raises(ConfigError, match=r"learner\.precision=.bf16.*model\.path=.tiny:tiny-wide"):
         find_resume(_cfg(out, "resume=auto", "model.path=tiny:tiny-wide", "learner.precision=bf16"))
     with pytest.raises(ConfigError, match="algorithm.steps >= 4"):
@@ -76,23 +76,26 @@ def test_resume_finds_the_newest_complete_checkpoint_and_refuses_changed_fields(
         find_resume(_cfg(out, f"resume={tmp_path}/checkpoints/step_000006.tmp-123"))
 
 
-def test_seeds_and_data_cursor():
+def test_seeds_and_prompt_stream():
     import random
 
-    from megatron_async_rlhf.rollout.engine import prompt_seed
-    from megatron_async_rlhf.run_state import DataCursor, sampling_seed
+    from megatron_async_rlhf.rollout.base import prompt_seed
+    from megatron_async_rlhf.run_state import PromptStream, sampling_seed
 
     seeds = {prompt_seed(sampling_seed(0, 0, b), p) for b in range(50) for p in range(64)}
     assert len(seeds) == 50 * 64 and max(seeds) < 2**62  # distinct, room for vLLM's + n per sample
     assert sampling_seed(0, 0, 3) == sampling_seed(0, 0, 3) != sampling_seed(1, 0, 3) != sampling_seed(0, 1, 3)
-    cursor = DataCursor(random.Random(0))
-    first = cursor.draw(0, 5, 100)
-    before_1 = cursor.state_before(1)  # not drawn yet: the current state
-    second = cursor.draw(1, 5, 100)
-    again = DataCursor(random.Random())
+    ids, rows = [[i] for i in range(100)], [f"row{i}" for i in range(100)]
+    stream = PromptStream(ids, rows, random.Random(0), 5, run_seed=7, rollout_seed=1)
+    assert stream.seed(3) == sampling_seed(7, 1, 3)
+    first = stream.round(0)
+    assert [r for r in first[1]] == [f"row{i[0]}" for i in first[0]]  # ids and rows of the same prompts
+    before_1 = stream.state_before(1)  # not drawn yet: the current state
+    second = stream.round(1)
+    again = PromptStream(ids, rows, random.Random(), 5)
     again.rng.setstate(before_1)
-    assert again.draw(1, 5, 100) == second and first != second
-    assert cursor.state_before(1) == before_1
+    assert again.round(1) == second and first != second
+    assert stream.state_before(1) == before_1
 
 
 # ----- TP2 checkpoint -> TP1 (learner, shared pool) ----------------------------------------------------------------

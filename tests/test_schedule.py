@@ -3,11 +3,13 @@ staleness never above N, every generated batch trained exactly once, versions mo
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from megatron_async_rlhf.launch import WorkerGroup
-from megatron_async_rlhf.train import job, load_config, prepare_model
+from megatron_async_rlhf.modes.rl import job
+from megatron_async_rlhf.train import load_config, prepare_model
 
 pytestmark = pytest.mark.multiproc
 
@@ -32,7 +34,7 @@ def runs(tmp_path_factory):
         d = tmp_path_factory.mktemp("run_ppo")
         cfg = load_config([f"logging.out_dir={d}", "logging.wandb_mode=disabled", "sft.steps=5",
                            f"algorithm.steps={STEPS}", "algorithm.prompts_per_step=4", "algorithm.max_staleness=1",
-                           "algorithm.name=ppo", "algorithm.critic=true", "algorithm.off_policy_n=2",
+                           "algorithm.name=ppo_critic", "algorithm.off_policy_n=2",
                            "algorithm.updates_per_batch=2", "data.eval_size=8", "pin_cpus=false"])
         summary = group.run(job, dataclasses.asdict(cfg), prepare_model(cfg), "sched_ppo", 2)[0]
         rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
@@ -110,48 +112,109 @@ class _Engines:
         is_controller = True
 
     def __init__(self, k=2, lag=0):
-        self.k, self.lag, self.version, self.pending = k, lag, 0, None
+        self.k, self.lag, self.version, self.pending, self.log = k, lag, 0, None, []
 
     def submit_generate(self, prompts, sampling, *rows):
+        self.log.append(("submit", prompts[0][0], sampling.seed))
         self.pending = [_Sample(p, max(0, self.version - self.lag)) for p in range(len(prompts)) for _ in range(self.k)]
 
     def collect(self):
         out, self.pending = self.pending, None
         return out
 
+    def sync_weights(self, model, info, mcfg, version):
+        assert self.pending is None, "weights change only between requests"
+        self.version = version
+        self.log.append(("sync", version))
+        return {"buckets": 1}
+
+
+_POLICY = SimpleNamespace(model="model", info="layout", mcfg="config")  # what a push sends: opaque here
+
+
+class _Prompts:
+    """Round r: ``n`` prompts [r] (rows 0..n-1), seed 1000 + r."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def round(self, r):
+        return [[r]] * self.n, list(range(self.n))
+
+    def seed(self, r):
+        return 1000 + r
+
 
 def _run_schedule(monkeypatch, max_staleness, m, steps=8, per=3, lag=0):
+    from megatron_async_rlhf.rollout.base import SamplingSettings
+    from megatron_async_rlhf.schedules import ENGINES_IDLE
     from megatron_async_rlhf.schedules import rounds as S
 
     monkeypatch.setattr(S.dist, "broadcast_object_list", lambda box, src: None)  # one "rank": nothing to send
     eng = _Engines(lag=lag)
-
-    def sync(v):
-        eng.version = v
-        return {}
-
-    sched = S.Schedule(eng, max_staleness, steps, lambda r: ([[r]] * (per * m), list(range(per * m))), None, sync,
-                       off_policy_n=m)
+    sched = S.Rounds(eng, _POLICY, _Prompts(per * m), SamplingSettings(), steps, max_staleness, off_policy_n=m)
     seen = []
-    sched.run(lambda b: {"prompts": sorted({s.prompt_index for s in b.samples})},
-              lambda b, met: seen.append((b.index, met["version"], met["off_policy_updates"], met["prompts"])))
-    return sched, seen
+    for mb in sched.run():
+        if mb is ENGINES_IDLE:
+            assert eng.pending is None and eng.version == sched.version  # idle, holding the learner's weights
+            eng.log.append(("idle", sched.version))
+            continue
+        assert mb.stats["version"] == sched.version == mb.index + 1  # handed out = counted as trained
+        seen.append((mb.index, mb.stats["version"], mb.stats["off_policy_updates"],
+                     sorted({s.prompt_index for s in mb.samples}), mb.ends_round, "buckets" in mb.stats))
+    return sched, seen, eng.log
 
 
 @pytest.mark.parametrize("max_staleness", [0, 1])
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_minibatch_j_is_exactly_j_updates_old_plus_the_async_lag(monkeypatch, max_staleness, m):
-    sched, seen = _run_schedule(monkeypatch, max_staleness, m)
+    sched, seen, log = _run_schedule(monkeypatch, max_staleness, m)
     assert [s[0] for s in seen] == list(range(8)) and [s[1] for s in seen] == list(range(1, 9))  # step axis = updates
     expected = [j + (m * max_staleness if step >= m else 0) for step in range(8) for j in [step % m]]
     assert [s[2] for s in seen] == expected == sched.stats.off_policy_updates
     # each mini-batch holds its own prompts of the round: disjoint, in order, all of them
     assert [s[3] for s in seen] == [list(range((i % m) * 3, (i % m) * 3 + 3)) for i in range(8)]
+    assert [s[4] for s in seen] == [i % m == m - 1 for i in range(8)]  # checkpoints and stops after these
     assert sched.stats.generated == 8 // m and sched.stats.trained == 8
+    # every round requested once, in order, with its own seed; every push followed by an idle moment at its version
+    assert [e[1:] for e in log if e[0] == "submit"] == [(r, 1000 + r) for r in range(8 // m)]
+    syncs = [i for i, e in enumerate(log) if e[0] == "sync"]
+    assert len(syncs) == sched.stats.syncs == 8 // m - 1 - max_staleness  # async: round 1 comes from v0 too
+    assert all(log[i + 1] == ("idle", log[i][1]) and log[i + 2][0] == "submit" for i in syncs)
+    # each push's numbers land in the next mini-batch's metrics row
+    assert sum(s[5] for s in seen) == sched.stats.syncs
+
+
+def test_a_checkpoint_between_rounds_saves_the_round_older_weights_generated(monkeypatch):
+    """Async: after round 0 the round in flight came from v0 while the learner holds v2: it is collected, saved with
+    the checkpoint, and a schedule resumed from that state trains exactly what the uninterrupted one trained."""
+    from megatron_async_rlhf.rollout.base import SamplingSettings
+    from megatron_async_rlhf.schedules import ENGINES_IDLE
+    from megatron_async_rlhf.schedules import rounds as S
+
+    monkeypatch.setattr(S.dist, "broadcast_object_list", lambda box, src: None)
+
+    def trained(sched, stop_after=None):
+        out = []
+        for mb in sched.run():
+            if mb is ENGINES_IDLE:
+                continue
+            out.append((mb.index, mb.stats["off_policy_updates"], mb.stats["batch_version"]))
+            if mb.index + 1 == stop_after:
+                return out, sched.checkpoint_state()
+        return out, None
+
+    full, _ = trained(S.Rounds(_Engines(), _POLICY, _Prompts(4), SamplingSettings(), 8, 1, off_policy_n=2))
+    first, (state, saved) = trained(S.Rounds(_Engines(), _POLICY, _Prompts(4), SamplingSettings(), 8, 1, off_policy_n=2),
+                                    stop_after=2)
+    assert state["version"] == 2 and saved is not None and saved.versions == [0]  # round 1, generated at v0
+    rest, _ = trained(S.Rounds(_Engines(), _POLICY, _Prompts(4), SamplingSettings(), 8, 1, off_policy_n=2,
+                               resume=(state, saved)))
+    assert first + rest == full
 
 
 def test_a_round_older_than_allowed_is_refused(monkeypatch):
-    from megatron_async_rlhf.schedules.rounds import StalenessError
+    from megatron_async_rlhf.schedules import StalenessError
 
     with pytest.raises(StalenessError, match="max_staleness"):
         _run_schedule(monkeypatch, 0, 2, lag=2)  # samples 2 updates older than the engines' weights

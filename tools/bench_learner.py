@@ -85,7 +85,7 @@ def hf_step(hf_dir: str, batch, ac):
         opt.zero_grad(set_to_none=True)
         for t, r in zip(micro, ref_seq):
             seq = logprobs(policy, t)[:, start:].sum(-1)
-            loss, _ = online_dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], ac.beta, ac.loss_type)
+            loss, _ = online_dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], ac.online_dpo.beta, ac.online_dpo.loss_type)
             (loss / len(micro)).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), ac.clip_grad)
         opt.step()

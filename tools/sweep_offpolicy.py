@@ -5,9 +5,9 @@
 
 Every run has the same seed, the same number of gradient steps (``--steps``, a multiple of every N) and the same
 mini-batch (``algorithm.prompts_per_step`` prompts); only N changes, so with N mini-batches per generation round,
-mini-batch i of a round is i updates old (``schedule.py``). The runs are synchronous by default
+mini-batch i of a round is i updates old (``schedules/rounds.py``). The runs are synchronous by default
 (``algorithm.max_staleness=0``: N=1 is on-policy, as in the paper's figure); pass ``algorithm.max_staleness=1`` to
-add the asynchronous lag. ``ppo`` is the paper's PPO with a critic (``algorithm.critic=true``); ``ppo_nocritic`` the
+add the asynchronous lag. ``ppo`` is the paper's PPO with a critic (``algorithm.name=ppo_critic``); ``ppo_nocritic`` the
 critic-free variant. Recipe: ``recipe=...`` among the overrides, default the tiny CPU recipe.
 
 Writes ``<out>/sweep.csv`` (algorithm, n, score, interval, train reward, wall seconds, run dir) and
@@ -24,8 +24,8 @@ import sys
 import time
 
 ALGORITHMS = {"online_dpo": ["algorithm.name=online_dpo"], "rloo": ["algorithm.name=rloo"],
-              "ppo": ["algorithm.name=ppo", "algorithm.critic=true"],
-              "ppo_nocritic": ["algorithm.name=ppo", "algorithm.critic=false"]}
+              "ppo": ["algorithm.name=ppo_critic"],
+              "ppo_nocritic": ["algorithm.name=ppo"]}
 
 
 def plot(rows: list[dict], path: str, metric: str) -> None:
@@ -66,7 +66,8 @@ def main() -> int:
         ap.error(f"unknown algorithms {unknown} (known: {sorted(ALGORITHMS)})" if unknown else
                  f"--steps {args.steps} is not a multiple of every N in {ns}")
     from megatron_async_rlhf.launch import WorkerGroup
-    from megatron_async_rlhf.train import job, load_config, prepare_model
+    from megatron_async_rlhf.modes.rl import job
+    from megatron_async_rlhf.train import load_config, prepare_model
 
     base = ["algorithm.max_staleness=0", *overrides, f"algorithm.steps={args.steps}", "logging.wandb_mode=disabled"]
     os.makedirs(args.out, exist_ok=True)

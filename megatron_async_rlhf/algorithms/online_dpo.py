@@ -3,8 +3,13 @@ sigmoid (DPO) or squared (IPO) loss on the policy/reference log-ratio margin."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from megatron_async_rlhf.algorithms.base import Algorithm, register_algorithm
+from megatron_async_rlhf.errors import ConfigError
 
 
 def select_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,3 +47,34 @@ def online_dpo_loss(
         "rejected_reward": beta * rejected_ratio.detach().mean(),
     }
     return losses.mean(), metrics
+
+
+@register_algorithm("online_dpo")
+class OnlineDPO(Algorithm):
+    """Rows are (chosen, rejected) pairs, one per prompt whose samples do not all tie; the loss unit is a pair."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        beta: float = 0.1
+        """Strength of the implicit KL to the reference: the loss is on ``beta`` x the log-ratio margin."""
+        loss_type: str = "sigmoid"
+        """sigmoid (DPO) or ipo."""
+
+    rows_per_unit = 2
+
+    def check(self) -> None:
+        if self.cfg.loss_type not in ("sigmoid", "ipo"):
+            raise ConfigError(f"algorithm.online_dpo.loss_type={self.cfg.loss_type!r}: use sigmoid or ipo")
+
+    def rows(self, rewards: torch.Tensor) -> tuple[list[int], dict]:
+        k = rewards.shape[1]
+        chosen, rejected, ok = select_pairs(rewards)
+        order = [p * k + int(i) for p in range(rewards.shape[0]) if ok[p] for i in (chosen[p], rejected[p])]
+        return order, {"pairs": len(order) // 2}
+
+    def units(self, m: dict) -> float:
+        return len(m["rows"]) / 2
+
+    def loss(self, logp: torch.Tensor, m: dict) -> tuple[torch.Tensor, dict]:
+        seq, ref_seq = logp.sum(-1), (m["ref"] * m["mask"]).sum(-1)  # [b]: rows alternate chosen, rejected
+        return online_dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], self.cfg.beta, self.cfg.loss_type)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from megatron_async_rlhf.algorithms.base import Algorithm, register_algorithm
 
 
 def kl_penalized_rewards(rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
@@ -26,3 +30,25 @@ def rloo_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) 
     seq_logp = (logp * mask).sum(dim=-1)  # [N]
     loss = -(advantages.detach() * seq_logp).mean()
     return loss, {"advantage_abs": advantages.abs().mean().detach()}
+
+
+@register_algorithm("rloo")
+class RLOO(Algorithm):
+    """Every sample a row; the loss unit is a sample; the KL to the reference is a penalty in the sequence reward."""
+
+    @dataclass(kw_only=True)
+    class Config:
+        kl_coef: float = 0.05
+        """KL-to-reference penalty in the reward, per sequence (estimated on the sampled tokens)."""
+
+    def advantages(self, micro_batches: list[dict], rewards: torch.Tensor, order: list[int]) -> dict:
+        rr = rewards[order].clone()  # [rows]
+        for m in micro_batches:
+            rr[m["rows"]] = kl_penalized_rewards(rr[m["rows"]], m["sampler"], m["ref"], m["mask"], self.cfg.kl_coef)
+        adv = rloo_advantages(rr.view(-1, self.ac.samples_per_prompt)).reshape(-1)  # [rows]
+        for m in micro_batches:
+            m["adv"] = adv[m["rows"]]
+        return {}
+
+    def loss(self, logp: torch.Tensor, m: dict) -> tuple[torch.Tensor, dict]:
+        return rloo_loss(logp, m["adv"], m["mask"])

@@ -1,12 +1,10 @@
-"""PPO's value model on the learner (``algorithm.name=ppo algorithm.critic=true``): the paper's PPO.
+"""The value model on the learner, for algorithms that use a critic (``algorithm.name=ppo_critic``: the paper's PPO).
 
 A second Megatron model with the policy's TP/PP layout and its own optimizer: the scalar-head model of
 ``learner/value_head.py``, initialised from the reward model (``reward.kind=reward_model``) or else from the policy's
-current weights (trunk; the head starts fresh). Per learner step, with ``learner/step.py``'s micro-batches:
-
-    old values V (forward) -> per-token rewards: score at the last token, -kl_coef * (logp_sampler - logp_ref) at
-    every token -> GAE (gamma, lambda) -> advantages whitened over the batch's tokens -> the policy's clipped loss
-    (step.py) -> the critic's clipped value loss against the returns (this module)
+current weights (trunk; the head starts fresh). Per learner step, with ``learner/step.py``'s micro-batches: old
+values (forward, :meth:`Critic.old_values`), then, after the policy's update, one step of the algorithm's value loss
+(:meth:`Critic.step`); the advantages in between are the algorithm's (``algorithms/ppo_critic.py``).
 
 Values are read at the positions of the learner's ``[b, s-1]`` log-prob layout: position p holds V(tokens <= p), the
 state in which token p+1 is chosen, so the same ``mask`` selects the completion's states. Everything that needs
@@ -16,8 +14,6 @@ values lives on the last pipeline stage, like the reference log-probs.
 from __future__ import annotations
 
 import torch
-
-from megatron_async_rlhf.algorithms.gae import gae, token_rewards, value_loss
 
 
 def _values(output: torch.Tensor, batch: dict | None = None) -> torch.Tensor:
@@ -37,44 +33,27 @@ class Critic:
         for m, v in zip(micro_batches, outs):
             m["old_values"] = v * m["mask"]
 
-    def step(self, micro_batches: list[dict], ac) -> dict:
-        """One optimizer step of the clipped value loss (x ``value_coef``) against ``returns``; micro-batches keep the
-        policy step's ``weight`` (token shares), so the loss is the batch's token mean whatever the split."""
+    def step(self, micro_batches: list[dict], value_loss) -> dict:
+        """One optimizer step of the algorithm's ``value_loss(values, micro_batch) -> (loss, metrics)``; micro-batches
+        keep the policy step's ``weight`` (token shares), so the loss is the batch's token mean whatever the split."""
         from megatron_async_rlhf.learner.train import train_step
 
-        def loss_fn(values, b):
-            loss, mm = value_loss(values, b["old_values"], b["returns"], b["mask"], ac.value_clip)
-            return ac.value_coef * loss, {**mm, "value_loss": loss.detach()}
-
-        out = train_step(self.ddp, self.opt, micro_batches, loss_fn, 0, head_fn=_values)
+        out = train_step(self.ddp, self.opt, micro_batches, value_loss, 0, head_fn=_values)
         return {("critic_grad_norm" if k == "grad_norm" else k): v for k, v in out.items() if k != "update_ok"}
 
 
-def gae_advantages(micro_batches: list[dict], scores: torch.Tensor, kl_coef: float, gamma: float, lam: float) -> dict:
-    """Per micro-batch: ``adv [b, s-1]`` (GAE, whitened over all completion tokens of the batch) and ``returns``
-    (GAE + old values, not whitened), from ``scores [rows]`` (the sequence rewards, indexed by ``m["rows"]``),
-    ``sampler``, ``ref``, ``old_values`` and ``mask``. Returns metrics of the raw numbers."""
-    raw = []
-    for m in micro_batches:
-        r = token_rewards(scores[m["rows"]], m["sampler"], m["ref"], m["mask"], kl_coef)  # [b, s-1]
-        adv, m["returns"] = gae(r, m["old_values"], m["mask"], gamma, lam)
-        raw.append(adv)
-    flat = torch.cat([a[m["mask"].bool()] for a, m in zip(raw, micro_batches)])  # every completion token
-    mean, std = flat.mean(), flat.std(unbiased=False)
-    for a, m in zip(raw, micro_batches):
-        m["adv"] = (a - mean) * torch.rsqrt(std ** 2 + 1e-8) * m["mask"]  # algorithms.gae.whiten over the batch
-    returns = torch.cat([m["returns"][m["mask"].bool()] for m in micro_batches])
-    return {"advantage_raw_mean": float(mean), "advantage_raw_std": float(std), "returns_mean": float(returns.mean())}
-
-
-def build_critic(cfg, mcfg, policy) -> Critic:
-    """The value model, its DDP wrapper and optimizer (lr ``critic_lr`` or ``lr``). All learner ranks call it
-    together, after the policy's warm start."""
+def build_critic(cfg, mcfg, policy) -> Critic | None:
+    """The value model, its DDP wrapper and optimizer (lr: the algorithm's ``critic_lr``, else ``algorithm.lr``), or
+    None when the algorithm uses no critic. All learner ranks call it together, after the policy's warm start."""
+    from megatron_async_rlhf.algorithms import build_algorithm
     from megatron_async_rlhf.learner.model import build_model
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
     from megatron_async_rlhf.learner.value_head import value_model_from_hf
 
     ac, lc = cfg.algorithm, cfg.learner
+    algo = build_algorithm(ac)
+    if not algo.uses_critic:
+        return None
     if cfg.reward.kind == "reward_model":
         _, model, _ = value_model_from_hf(cfg.reward.reward_model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,
                                           dtype=lc.params_dtype, recompute=lc.recompute)
@@ -87,6 +66,6 @@ def build_critic(cfg, mcfg, policy) -> Critic:
         if missing:
             raise RuntimeError(f"critic trunk weights missing from the policy: {missing[:5]}")
         model.load_state_dict({k: v for k, v in trunk.items() if k in mine}, strict=False)
-    ddp, opt = wrap_for_training(model, OptimConfig(lr=ac.critic_lr or ac.lr, clip_grad=ac.clip_grad,
+    ddp, opt = wrap_for_training(model, OptimConfig(lr=getattr(algo.cfg, "critic_lr", 0.0) or ac.lr, clip_grad=ac.clip_grad,
                                                     distributed_optimizer=lc.distributed_optimizer))
     return Critic(ddp, opt, model)

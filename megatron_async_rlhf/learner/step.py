@@ -1,6 +1,6 @@
 """One learner step on a batch of samples: micro-batches, reference log-probs, the algorithm's loss, the update.
 
-Glue between the schedule (train.py) and the pure losses (algorithms/). Every learner rank calls these together;
+Glue between the run's loop (modes/rl.py) and the algorithms (algorithms/: rows, advantages, loss units, loss). Every learner rank calls these together;
 reference log-probs and the loss live on the last pipeline stage.
 
 Micro-batches (:func:`plan_micro_batches`) come in two kinds: by row count (``algorithm.micro_batch`` rows at most,
@@ -11,7 +11,8 @@ units (DPO pairs, RLOO samples, PPO / SFT completion tokens), so the step's loss
 batch in one padded pass, whatever the split.
 
 ``rl_step`` takes ``algorithm.updates_per_batch`` optimizer steps on its mini-batch (PPO's ratio then against the
-log-probs before the first); PPO with a critic gets its advantages and value step from ``learner/critic.py``.
+log-probs before the first); an algorithm with a critic gets its value model's old values and value step from
+``learner/critic.py``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import math
 
 import torch
 
-from megatron_async_rlhf import algorithms as A
-from megatron_async_rlhf.config import AlgorithmConfig
-from megatron_async_rlhf.learner.critic import gae_advantages
+from megatron_async_rlhf.algorithms import build_algorithm
 from megatron_async_rlhf.learner.forward import forward_collect, pad_batch
 from megatron_async_rlhf.learner.train import from_last_stage, set_lr, train_step
 
@@ -131,29 +130,25 @@ def policy_logprobs(ddp, micro_batches: list[dict], vocab_size: int, temperature
     reference_logprobs(ddp, micro_batches, vocab_size, temperature, key="old")
 
 
-def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_model, vocab_size: int,
-            max_tokens: int = 0, critic=None) -> dict:
+def rl_step(batch, rewards: torch.Tensor, ac, ddp, opt, ref_model, vocab_size: int, max_tokens: int = 0,
+            critic=None) -> dict:
     """``ac.updates_per_batch`` RL updates on ``batch.samples`` (prompt-major, k per prompt) with scalar
-    ``rewards [N]``. ``max_tokens``: the micro-batch token budget (0: ``ac.micro_batch`` rows per micro-batch).
-    ``critic``: PPO's value model (``learner/critic.py``): GAE advantages, and a critic step after each update."""
-    samples, k = batch.samples, ac.samples_per_prompt
+    ``rewards [N]``, by the algorithm ``ac.name`` (``algorithms/``: its rows, advantages, loss units and loss;
+    ``ac`` is the ``algorithm`` config). ``max_tokens``: the micro-batch token budget (0: ``ac.micro_batch`` rows per
+    micro-batch). ``critic``: the value model (``learner/critic.py``) of an algorithm that uses one."""
+    algo = build_algorithm(ac)
+    samples = batch.samples
     if ac.lr_schedule == "linear":  # batch.index: the optimizer step this mini-batch is trained at
         set_lr(opt, ac.lr, "linear", batch.index, ac.steps)
-    r = rewards.view(-1, k)  # [P, k]
     metrics: dict = {"reward_mean": rewards.mean().item()}
-    dpo = ac.name == "online_dpo"
-    if dpo:
-        chosen, rejected, ok = A.select_pairs(r)
-        order = [p * k + int(i) for p in range(r.shape[0]) if ok[p] for i in (chosen[p], rejected[p])]
-        metrics["pairs"] = len(order) // 2
-        if not order:
-            return {**metrics, "skipped": 1.0}  # every prompt tied: no preference to learn from
-    else:
-        order = list(range(len(samples)))
-    picked = [samples[i] for i in order]  # row j of the batch is samples[order[j]]
+    order, m_rows = algo.rows(rewards.view(-1, ac.samples_per_prompt))  # row j of the batch is samples[order[j]]
+    metrics.update(m_rows)
+    if not order:
+        return {**metrics, "skipped": 1.0}  # e.g. every prompt tied: no preference to learn from
+    picked = [samples[i] for i in order]
     seqs = [s.prompt_ids + s.token_ids for s in picked]
     starts = [len(s.prompt_ids) for s in picked]
-    mbs = build_micro_batches(seqs, starts, plan_micro_batches([len(s) for s in seqs], 2 if dpo else 1,
+    mbs = build_micro_batches(seqs, starts, plan_micro_batches([len(s) for s in seqs], algo.rows_per_unit,
                                                                ac.micro_batch, max_tokens))
     for m in mbs:
         m["sampler"] = torch.zeros_like(m["mask"])
@@ -161,46 +156,24 @@ def rl_step(batch, rewards: torch.Tensor, ac: AlgorithmConfig, ddp, opt, ref_mod
             lp = picked[i].logprobs
             m["sampler"][j, starts[i] - 1: starts[i] - 1 + len(lp)] = torch.tensor(lp)
     reference_logprobs(ref_model, mbs, vocab_size, ac.temperature)
-    if ac.name == "ppo" and ac.updates_per_batch > 1:  # with one update the ratio's "old" is the current policy
+    if algo.needs_old_logprobs():
         policy_logprobs(ddp, mbs, vocab_size, ac.temperature)
     if critic is not None:
         critic.old_values(mbs)
     if "ref" in mbs[0]:  # the last pipeline stage: advantages need every row's numbers
-        if ac.name == "rloo":
-            rr = rewards[order].clone()
-            for m in mbs:
-                rr[m["rows"]] = A.kl_penalized_rewards(rr[m["rows"]], m["sampler"], m["ref"], m["mask"], ac.kl_coef)
-            adv = A.rloo_advantages(rr.view(-1, k)).reshape(-1)
-        elif ac.name == "ppo" and critic is not None:
-            metrics.update(gae_advantages(mbs, rewards[order], ac.kl_coef, ac.gae_gamma, ac.gae_lambda))
-        elif ac.name == "ppo":
-            adv = A.group_advantages(r).reshape(-1)[order]
-        else:
-            adv = torch.zeros(len(order))
-        for m in mbs:
-            if "adv" not in m:
-                m["adv"] = adv[m["rows"]]
+        metrics.update(algo.advantages(mbs, rewards, order))
         # KL(sampler || reference) per sequence, estimated on the sampled tokens: how far the policy has moved
         metrics["kl_ref"] = sum(float(((m["sampler"] - m["ref"]) * m["mask"]).sum()) for m in mbs) / len(order)
-    units = {"online_dpo": lambda m: len(m["rows"]) / 2, "rloo": lambda m: len(m["rows"]),
-             "ppo": lambda m: float(m["mask"].sum())}[ac.name]
-    _weigh(mbs, [units(m) for m in mbs])
+    _weigh(mbs, [algo.units(m) for m in mbs])
 
     def loss_fn(lp, b):
-        lp, m, rf = lp * b["mask"], b["mask"], b["ref"]
-        if dpo:
-            seq, ref_seq = lp.sum(-1), (rf * m).sum(-1)
-            loss, mm = A.online_dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], ac.beta, ac.loss_type)
-        elif ac.name == "rloo":
-            loss, mm = A.rloo_loss(lp, b["adv"], m)
-        else:
-            loss, mm = A.ppo_clip_loss(lp, b.get("old"), b["sampler"], b["adv"], m, ac.clip_eps, ac.tis_cap)
+        loss, mm = algo.loss(lp * b["mask"], b)
         return loss, {**mm, "loss": loss.detach()}
 
     for _ in range(ac.updates_per_batch):
         out = train_step(ddp, opt, mbs, loss_fn, vocab_size, ac.temperature)
         if critic is not None:
-            out.update(critic.step(mbs, ac))
+            out.update(critic.step(mbs, algo.value_loss))
     metrics = from_last_stage(metrics)
     if "loss" in out and not math.isfinite(out["loss"]) or not math.isfinite(out.get("grad_norm", 0.0)):
         raise NonFiniteLoss(f"non-finite loss/grad norm at this step ({out}); stopping. The last exported policy on "
