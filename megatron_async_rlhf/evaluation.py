@@ -115,7 +115,8 @@ class Evaluator:
 
 
 def eval_judge(cfg):
-    """``eval.judge``: a registry judge, the run's reward model (``reward_model``), a reward model directory, or None."""
+    """``eval.judge``: a registry judge, the run's reward model (``reward_model``), a reward model directory, or
+    None."""
     from megatron_async_rlhf.rewards.judges import get_judge
 
     name = cfg.eval.judge

@@ -8,7 +8,7 @@
         critic/        PPO with a critic: the value model + its optimizer, likewise
         run_state.json step, schedule state, evaluation state, metrics offset, the run's config, saved layout
         rng.pkl        the prompt stream's position (data cursor) and every learner rank's RNG states
-        batch.pkl      async runs only: the batch older weights generated before the checkpoint (schedule.py)
+        batch.pkl      async runs only: the round older weights generated before the checkpoint (schedules/rounds.py)
 ```
 
 Samples are reproducible without saving the engines' state: every generation request carries per-prompt seeds
@@ -116,21 +116,30 @@ def sampling_seed(run_seed: int, rollout_seed: int, batch: int) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-class DataCursor:
-    """The training prompts' random stream (the warm start's and RL's python ``Random``), remembering its state before
-    each RL batch's draw: a checkpoint stores the state before the first batch it does not hold."""
+class PromptStream:
+    """RL's training prompts, round by round: round ``r`` draws ``per_round`` prompts with the run's python ``Random``
+    (the one the warm start drew from before), and is sampled with seed ``sampling_seed(run_seed, rollout_seed, r)``.
+    The stream remembers its state before each round's draw: a checkpoint stores the state before the first round it
+    does not hold, and a resumed run sets it back (``rng.setstate``)."""
 
-    def __init__(self, rng: random.Random):
-        self.rng = rng
+    def __init__(self, ids: list[list[int]], rows: list, rng: random.Random, per_round: int, run_seed: int = 0,
+                 rollout_seed: int = 0):
+        self.ids, self.rows, self.rng, self.per_round = ids, rows, rng, per_round
+        self.seeds = (run_seed, rollout_seed)
         self._before: dict[int, tuple] = {}
 
-    def draw(self, batch: int, n: int, population: int) -> list[int]:
-        self._before = {i: s for i, s in self._before.items() if i >= batch - 1}
-        self._before[batch] = self.rng.getstate()
-        return [self.rng.randrange(population) for _ in range(n)]
+    def round(self, r: int) -> tuple[list[list[int]], list]:
+        """(prompt token ids, rows) of round ``r``."""
+        self._before = {i: s for i, s in self._before.items() if i >= r - 1}
+        self._before[r] = self.rng.getstate()
+        idx = [self.rng.randrange(len(self.rows)) for _ in range(self.per_round)]
+        return [self.ids[j] for j in idx], [self.rows[j] for j in idx]
 
-    def state_before(self, batch: int) -> tuple:
-        return self._before.get(batch, self.rng.getstate())
+    def seed(self, r: int) -> int:
+        return sampling_seed(*self.seeds, r)
+
+    def state_before(self, r: int) -> tuple:
+        return self._before.get(r, self.rng.getstate())
 
 
 def capture_rng() -> dict:
@@ -173,14 +182,23 @@ def clear_checkpoints(out_dir: str) -> None:
         shutil.rmtree(root)
 
 
-def save(out_dir: str, step: int, keep: int, model, optimizer, ref, info, hf_config_raw: dict, run: dict,
-         cursor_state: tuple, batch=None, critic=None) -> str:
-    """Write checkpoint ``step`` atomically, then keep only the newest ``keep``. Collective over the learner pool;
-    ``run`` (schedule, evaluation, metrics state, config) is the controller's."""
+def save(cfg, step: int, schedule, prompts: PromptStream, policy, ref, critic=None,
+         controller: dict | None = None) -> str:
+    """Write RL checkpoint ``step`` (between two rounds) atomically, then keep only the newest ``checkpoint.keep``.
+    Collective over the learner pool. ``policy``: model, optimizer, layout; ``controller``: the controller's own
+    state (metrics, evaluation), None on other ranks."""
+    import dataclasses
+
     import torch.distributed as dist
 
     from megatron_async_rlhf.learner import checkpoint as ckpt
 
+    sched_state, batch = schedule.checkpoint_state()  # the round in flight, if older weights generated it
+    run = {} if controller is None else {"schedule": sched_state, **controller, "config": dataclasses.asdict(cfg)}
+    # the data cursor: the prompt stream before the first round the checkpoint does not hold
+    cursor_state = prompts.state_before(sched_state["version"] // cfg.algorithm.off_policy_n + (batch is not None))
+    model, optimizer, info, hf_config_raw = policy.model, policy.opt, policy.info, policy.mcfg.raw
+    out_dir, keep = cfg.logging.out_dir, cfg.checkpoint.keep
     t0 = time.perf_counter()
     root = checkpoints_dir(out_dir)
     final = os.path.join(root, f"step_{step:06d}")
@@ -224,15 +242,24 @@ def load_critic(path: str, critic) -> None:
     ckpt.load_model(critic.model, os.path.join(path, CRITIC), critic.opt)
 
 
-def load(path: str, model, optimizer, ref) -> tuple[dict, tuple, object]:
-    """Restore weights, optimizer, reference and RNG from checkpoint ``path`` (collective over the learner pool, at
-    any layout); returns (run state, data cursor state, the saved batch or None)."""
+def open_run(cfg, is_controller: bool) -> tuple[str, dict | None]:
+    """(checkpoint directory, its run state) that ``resume`` names, or ("", None): a fresh run, whose directory loses
+    the previous run's checkpoints."""
+    path = find_resume(cfg)
+    if not path and is_controller:
+        clear_checkpoints(cfg.logging.out_dir)
+    return path, read_run_state(path) if path else None
+
+
+def load(path: str, policy, ref, prompts: PromptStream) -> tuple[dict, object]:
+    """Restore weights, optimizer, reference, RNG and the prompt stream from checkpoint ``path`` (collective over the
+    learner pool, at any layout); returns what the schedule resumes from: (its state, the saved round or None)."""
     import torch.distributed as dist
 
     from megatron_async_rlhf.learner import checkpoint as ckpt
 
     state = read_run_state(path)
-    ckpt.load_model(model, os.path.join(path, MODEL), optimizer)
+    ckpt.load_model(policy.model, os.path.join(path, MODEL), policy.opt)
     ckpt.load_model(ref, os.path.join(os.path.dirname(path), REFERENCE))
     with open(os.path.join(path, RNG), "rb") as f:
         rng = pickle.load(f)
@@ -241,9 +268,10 @@ def load(path: str, model, optimizer, ref) -> tuple[dict, tuple, object]:
         log.info("learner layout changed (%d -> %d ranks): every rank takes rank 0's saved RNG states",
                  len(rng["ranks"]), world)
     restore_rng(rng["ranks"][rank if world == len(rng["ranks"]) else 0])
+    prompts.rng.setstate(tuple(rng["data_cursor"]))
     batch = None
     if state["batch_saved"]:
         with open(os.path.join(path, BATCH), "rb") as f:
             batch = pickle.load(f)
     log.info("resumed from %s (step %d)", path, state["step"])
-    return state, tuple(rng["data_cursor"]), batch
+    return state["schedule"], batch

@@ -66,7 +66,7 @@ def test_resume_finds_the_newest_complete_checkpoint_and_refuses_changed_fields(
     # the layout, the length of the run, logging and checkpointing may change
     assert find_resume(_cfg(out, "resume=auto", "algorithm.steps=20", "cluster.learner_tp=2",
                             "checkpoint.every=3", "logging.wandb_mode=disabled")) == newest
-    with pytest.raises(ConfigError, match=r"algorithm\.beta=0\.5 \(checkpoint: 0\.1\)"):
+    with pytest.raises(ConfigError, match=r"algorithm\.online_dpo\.beta=0\.5 \(checkpoint: 0\.1\)"):
         find_resume(_cfg(out, "resume=auto", "algorithm.online_dpo.beta=0.5"))
     with pytest.raises(ConfigError, match=r"learner\.precision=.bf16.*model\.path=.tiny:tiny-wide"):
         find_resume(_cfg(out, "resume=auto", "model.path=tiny:tiny-wide", "learner.precision=bf16"))

@@ -204,12 +204,13 @@ def test_a_checkpoint_between_rounds_saves_the_round_older_weights_generated(mon
                 return out, sched.checkpoint_state()
         return out, None
 
-    full, _ = trained(S.Rounds(_Engines(), _POLICY, _Prompts(4), SamplingSettings(), 8, 1, off_policy_n=2))
-    first, (state, saved) = trained(S.Rounds(_Engines(), _POLICY, _Prompts(4), SamplingSettings(), 8, 1, off_policy_n=2),
-                                    stop_after=2)
+    def rounds(resume=None):  # async (max_staleness 1), 2 mini-batches a round, 8 steps
+        return S.Rounds(_Engines(), _POLICY, _Prompts(4), SamplingSettings(), 8, 1, off_policy_n=2, resume=resume)
+
+    full, _ = trained(rounds())
+    first, (state, saved) = trained(rounds(), stop_after=2)
     assert state["version"] == 2 and saved is not None and saved.versions == [0]  # round 1, generated at v0
-    rest, _ = trained(S.Rounds(_Engines(), _POLICY, _Prompts(4), SamplingSettings(), 8, 1, off_policy_n=2,
-                               resume=(state, saved)))
+    rest, _ = trained(rounds(resume=(state, saved)))
     assert first + rest == full
 
 

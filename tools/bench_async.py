@@ -24,7 +24,8 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args, overrides = ap.parse_known_args()
     from megatron_async_rlhf.launch import WorkerGroup
-    from megatron_async_rlhf.train import job, load_config, prepare_model
+    from megatron_async_rlhf.modes.rl import job
+    from megatron_async_rlhf.train import load_config, prepare_model
 
     out = args.out or tempfile.mkdtemp(prefix="bench_async_")
     results = {}

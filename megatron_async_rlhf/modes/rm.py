@@ -18,7 +18,6 @@ reward-model batching, which trains on k(k-1)/2 pairs for the cost of k sequence
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -29,18 +28,15 @@ import torch.distributed as dist
 
 from megatron_async_rlhf.algorithms.bradley_terry import bradley_terry_loss
 from megatron_async_rlhf.config import RunConfig
+from megatron_async_rlhf.modes.common import join_launch, launch_learners, open_metrics
 
 log = logging.getLogger("megatron_async_rlhf")
 
 
 def main(cfg: RunConfig, model_path: str) -> int:
-    """Launch a learner-only world and run :func:`job` on it (train.py's ``main`` dispatches here)."""
-    from megatron_async_rlhf.launch import run_distributed
-
+    """Launch a learner-only world and run :func:`job` on it."""
     t0 = time.time()
-    run = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, rollout_engines=0))
-    summary = run_distributed(run.cluster.world, job, dataclasses.asdict(run), model_path, default_group=False,
-                              timeout_s=24 * 3600)[0]
+    summary = launch_learners(cfg, job, model_path, "rm")
     if summary is None:  # a non-controller rank under torchrun
         return 0
     log.info("finished in %.1f s: %s", time.time() - t0, summary)
@@ -50,8 +46,6 @@ def main(cfg: RunConfig, model_path: str) -> int:
 
 
 def job(cfg_dict: dict, model_path: str, session: str = "rm", world_size: int | None = None) -> dict | None:
-    from megatron_async_rlhf.train import join_launch
-
     cfg, ctx = join_launch(cfg_dict, session, world_size)
     if ctx is None:
         return None
@@ -153,12 +147,7 @@ class RewardModelTraining:
         self.groups = [[self.train_pairs[i] for i in g] for g in comparison_groups(self.train_pairs)]
         self.rng = random.Random(cfg.seed)  # the same on every rank: every replica draws the same batch
         self._order: list[int] = []
-        self.metrics = None
-        if ctx.is_controller:
-            from megatron_async_rlhf.metrics import Metrics
-
-            self.metrics = Metrics(cfg.logging.out_dir, dataclasses.asdict(cfg), cfg.logging.wandb_mode,
-                                   cfg.logging.wandb_project, cfg.rm.steps)
+        self.metrics = open_metrics(cfg, ctx, cfg.rm.steps)
 
     def _next_batch(self) -> list[list]:
         """``rm.batch_size`` comparison groups, epoch by epoch in a shuffled order."""
@@ -191,7 +180,7 @@ class RewardModelTraining:
     def run(self) -> dict | None:
         from megatron_async_rlhf.learner.parallel import ranks
         from megatron_async_rlhf.learner.train import OptimConfig, set_lr, wrap_for_training
-        from megatron_async_rlhf.learner.value_head import value_model_from_hf
+        from megatron_async_rlhf.learner.build import value_model_from_hf
 
         cfg, rc = self.cfg, self.cfg.rm
         mcfg, model, info = value_model_from_hf(self.model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,

@@ -27,23 +27,19 @@ PLACEMENTS = ("controller", "rollout", "dedicated")
 
 class RewardFn:
     """Raw rewards of samples: ``fn(samples, rows) -> [N]``, where sample ``s`` answers ``rows[s.prompt_index]``.
-    A reward model or judge scores prompt and completion text (``rewards/scorer.py``); otherwise the math checker
-    compares the completion's final answer with the row's gold answer."""
+    The run's reward source (``reward.kind``, ``rewards/scorer.py``) scores the decoded completions with their rows'
+    prompts and gold answers."""
 
     def __init__(self, reward_cfg, tokenizer):
-        from megatron_async_rlhf.rewards.scorer import text_scorer
+        from megatron_async_rlhf.rewards.scorer import build_scorer
 
         self.tok = tokenizer
-        self.text = text_scorer(reward_cfg)
+        self.text = build_scorer(reward_cfg)
 
     def __call__(self, samples, rows) -> torch.Tensor:
-        from megatron_async_rlhf.rewards import math_reward
-
         texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
-        if self.text is not None:
-            return self.text.score([rows[s.prompt_index].prompt for s in samples], texts).float()
-        return torch.tensor([math_reward(t, rows[s.prompt_index].answer) for t, s in zip(texts, samples)],
-                            dtype=torch.float32)
+        picked = [rows[s.prompt_index] for s in samples]
+        return self.text.score([r.prompt for r in picked], texts, [r.answer for r in picked]).float()
 
 
 def score_in_place(fn: RewardFn, samples, rows) -> float:
@@ -59,6 +55,39 @@ def carried_rewards(samples) -> torch.Tensor | None:
     if not samples or any(getattr(s, "reward", None) is None for s in samples):
         return None
     return torch.tensor([s.reward for s in samples], dtype=torch.float32)
+
+
+def raw_rewards(fn: RewardFn, samples, rows) -> torch.Tensor:
+    """The samples' raw rewards (controller): as scored on the rollout pool when they carry them, else scored here."""
+    r = carried_rewards(samples)
+    return fn(samples, rows) if r is None else r
+
+
+def learner_rewards(ctx, fn: RewardFn | None, samples, rows, collected: dict,
+                    missing_eos_penalty: float) -> tuple[torch.Tensor, dict]:
+    """(training rewards: raw + penalties, {reward_s, reward_wait_s}) of a batch, computed on the controller and
+    broadcast to every learner rank. ``collected``: the rollout client's numbers of the collect that brought it."""
+    import torch.distributed as dist
+
+    from megatron_async_rlhf.rewards import apply_penalties
+
+    box = [None]
+    if ctx.is_controller:
+        t0 = time.perf_counter()
+        r = carried_rewards(samples)
+        scored_there = r is not None
+        if not scored_there:
+            r = fn(samples, rows)
+        r = apply_penalties(r, [s.finish_reason for s in samples], missing_eos_penalty)
+        here = time.perf_counter() - t0
+        if scored_there:  # the learner waited only for the scoring that outlasted its own work
+            timing = {"reward_s": collected.get("reward_s", 0.0),
+                      "reward_wait_s": min(collected.get("reward_s", 0.0), collected.get("collect_wait_s", 0.0))}
+        else:
+            timing = {"reward_s": here, "reward_wait_s": here}
+        box = [(r, timing)]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def serve_rewards(ctx, reward_cfg, model_path: str) -> dict:
