@@ -445,8 +445,9 @@ AlgorithmConfig = _algorithm_config()
 @dataclass(kw_only=True)
 class RewardConfig:
     kind: str = "math"
-    """math (verifiable final answer) | reward_model (an HF sequence classifier at reward_model_path) | judge (a
-    programmatic judge from ``rewards/judges.py``, named by ``judge``)"""
+    """The reward source, a kind registered in ``rewards/`` (``rewards/scorer.py``): math (verifiable final answer)
+    | reward_model (an HF sequence classifier at reward_model_path) | judge (a programmatic judge from
+    ``rewards/judges.py``, named by ``judge``)"""
     reward_model_path: str = ""
     dtype: str = "auto"
     """reward.kind=reward_model: the classifier's weights and compute dtype: auto (as its checkpoint is saved) |
@@ -557,8 +558,10 @@ class RunConfig:
             from megatron_async_rlhf.rewards.judges import get_judge
 
             get_judge(self.eval.judge)  # an unknown name is a ConfigError listing the known ones
-        if self.reward.kind not in ("math", "reward_model", "judge"):
-            raise ConfigError(f"reward.kind={self.reward.kind!r}: use math, reward_model or judge")
+        from megatron_async_rlhf.rewards import REWARDS
+
+        if self.reward.kind not in REWARDS:
+            raise ConfigError(f"reward.kind={self.reward.kind!r}: use one of {sorted(REWARDS)}")
         if self.reward.kind == "judge":
             from megatron_async_rlhf.rewards.judges import JUDGES
 

@@ -137,7 +137,7 @@ def test_exported_reward_model_scores_equal_the_learner(pool, exported, preset, 
 
 def _step_job(hf_dir, tp, pp, groups, micro_batch):
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
-    from megatron_async_rlhf.learner.value_head import value_model_from_hf
+    from megatron_async_rlhf.learner.build import value_model_from_hf
     from megatron_async_rlhf.modes.rm import bradley_terry_step
 
     _, model, _ = value_model_from_hf(hf_dir, tp, pp, dtype=torch.float32)
@@ -149,7 +149,7 @@ def _split_step_job(hf_dir, tp, pp, groups, micro_batch):
     """As mode=rm splits a batch: data-parallel replica r trains on groups[r::dp], weighted by all replicas' pairs."""
     from megatron_async_rlhf.learner.parallel import ranks
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
-    from megatron_async_rlhf.learner.value_head import value_model_from_hf
+    from megatron_async_rlhf.learner.build import value_model_from_hf
     from megatron_async_rlhf.modes.rm import bradley_terry_step
 
     _, model, _ = value_model_from_hf(hf_dir, tp, pp, dtype=torch.float32)
@@ -162,7 +162,7 @@ def _head_lr_job(hf_dir, groups, micro_batch, mult):
     """One step with ``rm.head_lr_mult=mult``: Adam's first update is ``lr * g / (|g| + eps)``, about ``lr`` per
     coordinate whatever the gradient, so the head's largest move over the trunk's is the multiplier."""
     from megatron_async_rlhf.learner.train import OptimConfig, set_lr, wrap_for_training
-    from megatron_async_rlhf.learner.value_head import value_model_from_hf
+    from megatron_async_rlhf.learner.build import value_model_from_hf
     from megatron_async_rlhf.modes.rm import bradley_terry_step
 
     _, model, _ = value_model_from_hf(hf_dir, 1, 1, dtype=torch.float32)
@@ -462,9 +462,9 @@ def test_classifier_with_several_labels_is_rejected(tmp_path, tiny_models, capsy
 def test_vader_judge_reward_and_labeller():
     from megatron_async_rlhf.config import RewardConfig, run_config_from_dict
     from megatron_async_rlhf.rewards.judges import JUDGES, label_pairs, register
-    from megatron_async_rlhf.rewards.scorer import text_scorer
+    from megatron_async_rlhf.rewards.scorer import build_scorer
 
-    scorer = text_scorer(RewardConfig(kind="judge", judge="vader"))
+    scorer = build_scorer(RewardConfig(kind="judge", judge="vader"))
     s = scorer.score(["", "", ""], ["What a wonderful, kind day!", "A dull, rainy and awful day.", "7 + 5 = 12"])
     assert s[0] > 0.5 and s[1] < -0.5 and s[2] == 0.0  # compound in [-1, 1]; neutral text scores 0
     rows, ties = label_pairs("vader", ["a", [{"role": "user", "content": "b"}], "c"],

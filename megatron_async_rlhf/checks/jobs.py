@@ -63,7 +63,8 @@ def values_from_hf(hf_dir: str, tp: int, pp: int, seqs: list[list[int]], export_
     """Scalar-head model from an HF directory (a sequence classifier, or a language model's trunk with a fresh
     head): ``[N]`` values of ``seqs`` at their last token on the reporting rank; with ``export_dir``, the model is
     also written there as an HF ``LlamaForSequenceClassification`` (tokenizer files copied from ``hf_dir``)."""
-    from megatron_async_rlhf.learner.value_head import classifier_config, sequence_values, value_model_from_hf
+    from megatron_async_rlhf.learner.build import value_model_from_hf
+    from megatron_async_rlhf.learner.value_head import classifier_config, sequence_values
 
     cfg, model, info = value_model_from_hf(hf_dir, tp, pp, dtype=torch.float32)
     values = sequence_values(model, seqs, micro_batch)

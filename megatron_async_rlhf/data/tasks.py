@@ -56,7 +56,7 @@ def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: 
     """Rows from ``datasets.load_dataset`` (see ``load_split``). A GSM8k-style answer ("...#### 72") keeps only the
     final answer as gold; a conversation (list of ``{role, content}``) keeps its last assistant turn, the reference
     answer of a chat win-rate. ``answer_key=""``: prompts only (a reward model or judge scores the completions)."""
-    from megatron_async_rlhf.rewards.math import extract_final_answer
+    from megatron_async_rlhf.data.answers import extract_final_answer
 
     ds = load_split(path, split, name)
     for key in (prompt_key, answer_key) if answer_key else (prompt_key,):

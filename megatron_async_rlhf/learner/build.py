@@ -33,3 +33,14 @@ def model_from_mcore(ckpt_dir: str, hf_config: str | dict, tp: int, pp: int):
     model, info = build_model(cfg, init=False, padded_vocab=meta["padded_vocab"], head=head_kind(cfg.raw))
     ckpt.load_model(model, ckpt_dir)
     return cfg, model, info
+
+
+def value_model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None, recompute: str = "none"):
+    """(LlamaConfig, scalar-head model stage, StageInfo) from an HF directory: a sequence classifier loads whole
+    (its ``score`` is the head); a language model gives its trunk and the head starts fresh (normal, std
+    ``initializer_range``, the same on every rank). All learner ranks call it together."""
+    cfg = read_config(hf_dir)
+    init_learner_parallel(tp, pp)
+    model, info = build_model(cfg, dtype=dtype, init=False, recompute=recompute, head="score")
+    load_hf_into_stage(model, info, cfg, HFCheckpoint(hf_dir), trunk_only=head_kind(cfg.raw) == "lm")
+    return cfg, model, info

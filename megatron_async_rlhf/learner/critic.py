@@ -48,7 +48,7 @@ def build_critic(cfg, mcfg, policy) -> Critic | None:
     from megatron_async_rlhf.algorithms import build_algorithm
     from megatron_async_rlhf.learner.model import build_model
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
-    from megatron_async_rlhf.learner.value_head import value_model_from_hf
+    from megatron_async_rlhf.learner.build import value_model_from_hf
 
     ac, lc = cfg.algorithm, cfg.learner
     algo = build_algorithm(ac)

@@ -57,24 +57,6 @@ def right_padded(seqs: list[list[int]], rows: int, pad_id: int = 0) -> tuple[tor
     return tokens, mask
 
 
-def value_model_from_hf(hf_dir: str, tp: int, pp: int, dtype: torch.dtype | None = None, recompute: str = "none"):
-    """(LlamaConfig, scalar-head model stage, StageInfo) from an HF directory: a sequence classifier loads whole
-    (its ``score`` is the head); a language model gives its trunk and the head starts fresh (normal, std
-    ``initializer_range``, the same on every rank). All learner ranks call it together."""
-    from megatron_async_rlhf.weights.llama_config import read_config
-    from megatron_async_rlhf.learner.model import build_model
-    from megatron_async_rlhf.learner.parallel import init_learner_parallel
-    from megatron_async_rlhf.weights.hf_io import HFCheckpoint
-    from megatron_async_rlhf.weights.load import load_hf_into_stage
-    from megatron_async_rlhf.weights.mapping import head_kind
-
-    cfg = read_config(hf_dir)
-    init_learner_parallel(tp, pp)
-    model, info = build_model(cfg, dtype=dtype, init=False, recompute=recompute, head="score")
-    load_hf_into_stage(model, info, cfg, HFCheckpoint(hf_dir), trunk_only=head_kind(cfg.raw) == "lm")
-    return cfg, model, info
-
-
 # config.json key of a reward model's input format (how prompt + response became token ids in training), read back
 # by the scorers in rewards/reward_model.py; transformers and vLLM ignore it
 INPUT_FORMAT_KEY = "mrlhf_input_format"

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from megatron_async_rlhf.errors import ConfigError
+from megatron_async_rlhf.rewards.scorer import register_reward
 
 Judge = Callable[[list[str], list[str]], list[float]]
 JUDGES: dict[str, Judge] = {}
@@ -62,11 +63,16 @@ class JudgeScorer:
     def __init__(self, name: str):
         self.name, self.judge = name, get_judge(name)
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[str], completions: list[str], answers: list[str] | None = None) -> torch.Tensor:
         scores = self.judge(prompts, completions)
         if len(scores) != len(completions):
             raise RuntimeError(f"judge {self.name!r} returned {len(scores)} scores for {len(completions)} completions")
         return torch.tensor(scores, dtype=torch.float32)
+
+
+@register_reward("judge")
+def _judge(rc) -> JudgeScorer:
+    return JudgeScorer(rc.judge)
 
 
 def label_pairs(judge: str | Judge, prompts: list, first: list[str], second: list[str]) -> tuple[list[dict], int]:

@@ -1,42 +1,15 @@
 """Verifiable math reward: 1.0 when the completion's final answer equals the gold answer, else 0.0.
 
 The final answer is the text after the last GSM8k-style ``#### `` marker, else the last ``\\boxed{...}``, else the
-last number in the completion. Equality is decided by ``math-verify`` (numbers, fractions, LaTeX, sets).
+last number in the completion (``data/answers.py``). Equality is decided by ``math-verify`` (numbers, fractions, LaTeX, sets).
 """
 
 from __future__ import annotations
 
-import re
+import torch
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _last_boxed(text: str) -> str | None:
-    i = text.rfind("\\boxed{")
-    if i < 0:
-        return None
-    depth, j = 0, i + len("\\boxed{")
-    for k in range(j, len(text)):
-        if text[k] == "{":
-            depth += 1
-        elif text[k] == "}":
-            if depth == 0:
-                return text[j:k]
-            depth -= 1
-    return None
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The completion's final answer as a string, or None if it states none."""
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip()
-        m = _NUMBER.search(tail)
-        return m.group(0).replace(",", "") if m else (tail.split("\n")[0].strip() or None)
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    nums = _NUMBER.findall(text)
-    return nums[-1].replace(",", "") if nums else None
+from megatron_async_rlhf.data.answers import extract_final_answer
+from megatron_async_rlhf.rewards.scorer import register_reward
 
 
 def math_reward(completion: str, gold: str) -> float:
@@ -54,3 +27,17 @@ def _as_math(s: str) -> str:
     """math-verify extracts from LaTeX or plain expressions; wrap plain answers so both parse the same way."""
     s = s.strip()
     return s if "\\" in s or s.startswith("$") else f"${s}$"
+
+
+class MathScorer:
+    """``reward.kind=math``: 1.0 for each completion whose final answer equals its gold answer, else 0.0."""
+
+    def score(self, prompts: list, completions: list[str], answers: list[str] | None = None) -> torch.Tensor:
+        if answers is None or len(answers) != len(completions):
+            raise ValueError("reward.kind=math scores against gold answers: one per completion")
+        return torch.tensor([math_reward(c, a) for c, a in zip(completions, answers)], dtype=torch.float32)
+
+
+@register_reward("math")
+def _math(rc) -> MathScorer:
+    return MathScorer()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_async_rlhf.rewards.scorer import register_reward
+
 
 class RewardModelScorer:
     def __init__(self, path: str, device: str | None = None, batch_size: int = 16, max_length: int = 1024,
@@ -50,8 +52,8 @@ class RewardModelScorer:
         return torch.cat(out)
 
     @torch.no_grad()
-    def score(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        """``[N]`` scalar rewards."""
+    def score(self, prompts: list, completions: list[str], answers: list[str] | None = None) -> torch.Tensor:
+        """``[N]`` scalar rewards (``answers`` unused: a reward model reads prompt and completion)."""
         if self.input_format is not None:
             return self.score_ids(_format_ids(self.tok, self.input_format, prompts, completions))
         out = []
@@ -61,6 +63,11 @@ class RewardModelScorer:
                            max_length=self.max_length).to(self.device)
             out.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(out)
+
+
+@register_reward("reward_model")
+def _reward_model(rc) -> RewardModelScorer:
+    return RewardModelScorer(rc.reward_model_path, dtype=rc.dtype)
 
 
 class VLLMRewardModel:
@@ -96,7 +103,7 @@ class VLLMRewardModel:
                                  pooling_params=PoolingParams(use_activation=False))
         return torch.tensor([o.outputs.probs[0] for o in outs], dtype=torch.float32)
 
-    def score(self, prompts: list, completions: list[str]) -> torch.Tensor:
+    def score(self, prompts: list, completions: list[str], answers: list[str] | None = None) -> torch.Tensor:
         tok = self.llm.get_tokenizer()
         if self.input_format is not None:
             return self.score_ids(_format_ids(tok, self.input_format, prompts, completions))
