@@ -1,1 +1,3 @@
-"""The rollout pool: vLLM engines that sample with the learner's weights, synced in every step."""
+"""The rollout pool: engines that sample with the learner's weights, synced every step. ``base.py`` is the backend
+interface and registry (``rollout.backend``); ``engine.py`` the vLLM backend (helpers ``worker_ext.py``,
+``weight_stream.py``); ``hf.py`` a plain transformers one; ``server.py`` / ``client.py`` the two ends of the protocol."""

@@ -193,12 +193,6 @@ def _import_backends() -> None:
     from megatron_async_rlhf.rollout import engine, hf  # noqa: F401
 
 
-def registered_backends() -> list[str]:
-    """The names ``rollout.backend`` accepts."""
-    _import_backends()
-    return sorted(_BACKENDS)
-
-
 def backend_class(name: str) -> type[RolloutBackend]:
     """The class registered as ``name``; a ConfigError listing the registered names otherwise."""
     _import_backends()

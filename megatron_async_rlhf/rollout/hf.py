@@ -33,6 +33,9 @@ class HFBackend(RolloutBackend):
             raise ConfigError(f"rollout.backend=hf runs each engine on one device, but cluster.rollout_tp="
                               f"{settings.tensor_parallel}. Fix: cluster.rollout_tp=1, or rollout.backend=vllm")
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars in every engine's log
 
         rc = settings.rollout
         t0 = time.perf_counter()
