@@ -2,12 +2,13 @@
 """Learner -> vLLM weight sync, end to end: log-prob parity before and after an optimizer step.
 
     python tools/check_weight_sync.py --hf DIR --learner-tp 2 --learner-pp 2 [--rollout-engines 1]
-        [--rollout-tp 2] [--multiprocess]
+        [--rollout-tp 2] [--multiprocess] [--backend vllm|hf]
 
 Starts a learner pool (Megatron, TP x PP, fp32) and a rollout pool (vLLM engines) as one local launch (or use
 torchrun --nproc_per_node=TP*PP+E*ROLLOUT_TP). ``--rollout-tp``: vLLM tensor parallel per engine (its leader rank runs
 vLLM, which starts one worker process per TP rank; the engine's other ranks stay idle). ``--multiprocess``: vLLM's
-multi-process mode (the GPU default; weights reach its workers through shared memory). Loads DIR into the learner, syncs, samples, recomputes the sampled tokens'
+multi-process mode (the GPU default; weights reach its workers through shared memory). ``--backend hf``: the
+transformers backend (``rollout.backend=hf``) in place of vLLM, same buckets, same bound. Loads DIR into the learner, syncs, samples, recomputes the sampled tokens'
 log-probs on the learner and compares with vLLM's; takes one optimizer step on a dummy loss, syncs again and compares
 again.
 
