@@ -18,11 +18,13 @@ import pickle
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from megatron_async_rlhf.config import ClusterConfig
+if TYPE_CHECKING:  # annotations only: the config layer sits above this one
+    from megatron_async_rlhf.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 

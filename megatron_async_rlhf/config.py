@@ -539,6 +539,7 @@ class RunConfig:
         self.data.validate()
         self.cluster.validate(cuda=cuda)
         self.learner.validate()
+        self.rollout.validate()
         self.checkpoint.validate()
         if self.checkpoint.every % self.algorithm.off_policy_n:
             raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of algorithm.off_policy_n="
@@ -619,6 +620,6 @@ def run_config_from_dict(d: dict) -> RunConfig:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sub)}")
     if d.get("mode") == "rm" and "prompt_key" not in (d.get("data") or {}):
         d["data"] = {**(d.get("data") or {}), "prompt_key": "prompt"}  # preference data's column (HH-RLHF, UltraFeedback)
-    kw = {k: from_dict(classes[k], d.get(k)) for k in classes}
+    kw = {k: from_dict(classes[k], d.get(k), k) for k in classes}  # messages name the section as users write it
     kw.update({k: d[k] for k in ("mode", "seed", "pin_cpus", "resume") if k in d})
     return RunConfig(**kw)

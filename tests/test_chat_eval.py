@@ -42,7 +42,7 @@ def test_win_rate_against_reference_answers_and_answers_from_a_conversation(tmp_
 
     from megatron_async_rlhf.data.tasks import dataset_rows
     from megatron_async_rlhf.evaluation import Evaluator
-    from megatron_async_rlhf.rollout.engine import Sample
+    from megatron_async_rlhf.rollout.base import Sample
 
     with open(tmp_path / "test.jsonl", "w") as f:
         for p, a in [("p0", "aaa"), ("p1", "a"), ("p2", "aa")]:

@@ -68,7 +68,7 @@ def test_each_algorithm_owns_its_section_and_old_flat_names_say_the_new_place():
                      ("critic", "algorithm.name=ppo_critic"), ("value_clip", "algorithm.ppo_critic.value_clip")]:
         with pytest.raises(ConfigError, match=re.escape(new)):
             run_config_from_dict({"algorithm": {old: 1}})
-    with pytest.raises(ConfigError, match="unknown AlgorithmConfig.grpo field"):
+    with pytest.raises(ConfigError, match="unknown algorithm.grpo field"):
         run_config_from_dict({"algorithm": {"grpo": {"betta": 1}}})
     with pytest.raises(ConfigError, match=r"algorithm.name='nope' unknown; choose one of \['grpo'"):
         run_config_from_dict({"algorithm": {"name": "nope"}}).validate()

@@ -18,7 +18,7 @@ def _placement_job(session, hf_dir, world_size, reward: dict, placement: str = "
     from megatron_async_rlhf.data.tasks import Row
     from megatron_async_rlhf.rewards.placement import RewardFn, carried_rewards, serve_rewards
     from megatron_async_rlhf.rollout.client import RolloutClient
-    from megatron_async_rlhf.rollout.engine import EngineSettings, SamplingSettings
+    from megatron_async_rlhf.rollout.base import EngineSettings, SamplingSettings
     from megatron_async_rlhf.rollout.server import serve
 
     from megatron_async_rlhf.rewards.judges import register

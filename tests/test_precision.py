@@ -146,7 +146,7 @@ def test_distributed_optimizer_matches_plain_at_dp2(pool, tiny_models):
 @pytest.mark.parametrize("override,message", [
     ("learner.precision=fp16", "learner.precision='fp16': use one of ['fp32', 'bf16']"),
     ("learner.recompute=all", "learner.recompute='all': use one of ['none', 'selective', 'full']"),
-    ("learner.distributed_optimizer=maybe", "LearnerConfig.distributed_optimizer='maybe' is not a valid bool"),
+    ("learner.distributed_optimizer=maybe", "learner.distributed_optimizer='maybe' is not a valid bool"),
 ])
 def test_bad_learner_settings_are_named(override, message):
     from megatron_async_rlhf.train import load_config

@@ -36,7 +36,9 @@ def test_gpu_recipes_are_rejected_on_cpu_with_a_reason():
     ("algorithm.max_staleness=-1", "max_staleness=-1 must be >= 0"),
     ("algorithm.max_new_tokens=60", "cannot hold prompt + completion"),
     ("recipe=nope", "Known recipes"),
-    ("algorithm.bogus=1", "unknown AlgorithmConfig field"),
+    ("algorithm.bogus=1", "unknown algorithm field"),
+    ("algorithm.beta=0.2", "algorithm.beta moved: set algorithm.online_dpo.beta instead"),
+    ("rollout.backend=sglang", "rollout.backend='sglang' is not a registered rollout backend"),
     ("algorithm.off_policy_n=3", "off_policy_n=3 must divide algorithm.steps=100"),
     ("algorithm.critic=true", "set algorithm.name=ppo_critic"),
     ("eval.win_rate_against=answers", "needs eval.judge"),
@@ -55,7 +57,7 @@ def test_prompt_longer_than_context_is_named(tmp_path, capsys):
 def test_overrides_are_typed():
     cfg = load_config(["algorithm.lr=1e-3", "algorithm.steps=7", "pin_cpus=false"])
     assert cfg.algorithm.lr == 1e-3 and cfg.algorithm.steps == 7 and cfg.pin_cpus is False
-    with pytest.raises(ConfigError, match="AlgorithmConfig.steps='x' is not a valid int"):
+    with pytest.raises(ConfigError, match="algorithm.steps='x' is not a valid int"):
         load_config(["algorithm.steps=x"])
 
 

@@ -4,7 +4,7 @@ registry of the implementations by ``rollout.backend``.
 A backend samples completions tagged with the policy version of its weights and the sampler's per-token log-probs,
 scores sequences (prompt log-probs), and replaces its weights bucket by bucket from the learner's stream of HF-named
 tensors (``weights.sync.recv_buckets``). Adding one is one file: subclass :class:`RolloutBackend`, decorate it with
-``@register_backend("name")`` and import the module in :func:`_import_backends`.
+``@register_backend("name")`` and import the module in ``rollout/__init__.py``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import abc
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from megatron_async_rlhf.config import RolloutConfig
 from megatron_async_rlhf.errors import ConfigError
+
+if TYPE_CHECKING:  # the config layer sits above the rollout pool: it validates rollout.backend against the registry
+    from megatron_async_rlhf.config import RolloutConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +75,8 @@ class EngineSettings:
     and the run's rollout settings (``rollout.backend`` picks the implementation)."""
 
     model: str
-    tensor_parallel: int = 1
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    tensor_parallel: int
+    rollout: RolloutConfig
 
 
 Bucket = tuple[list, torch.Tensor]  # (header, flat bytes) as ``weights.sync.recv_buckets`` yields it
@@ -188,14 +190,8 @@ def register_backend(name: str):
     return wrap
 
 
-def _import_backends() -> None:
-    """Import the built-in backends so they register (each imports its heavy library only when built)."""
-    from megatron_async_rlhf.rollout import engine, hf  # noqa: F401
-
-
 def backend_class(name: str) -> type[RolloutBackend]:
     """The class registered as ``name``; a ConfigError listing the registered names otherwise."""
-    _import_backends()
     if name not in _BACKENDS:
         raise ConfigError(f"rollout.backend={name!r} is not a registered rollout backend; choose one of "
                           f"{sorted(_BACKENDS)}")
