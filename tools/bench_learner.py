@@ -4,8 +4,8 @@ same step in plain transformers + torch.optim.AdamW (fp32) as a reference. A scr
 
     python tools/bench_learner.py [--hf DIR] [--batch 64] [--samples 2] [--prompt-len 24] [--completion-len 64]
 
-One step is what the trainer runs per RL step (``learner.step.rl_step``, online DPO): the reference model's forward
-over every row, the policy's forward + backward in micro-batches, gradient clipping, one Adam step. Rows are
+One step is what the RL loop (``modes/rl.py``) runs per step (``learner.step.rl_step``, online DPO): the reference
+model's forward over every row, the policy's forward + backward in micro-batches, gradient clipping, one Adam step. Rows are
 ``batch`` prompts x ``samples`` completions of random tokens (every prompt yields a pair). Without ``--hf`` it builds
 the issue's reference shape: LLaMA hidden 512, intermediate 1376, 6 layers, 4 heads / 2 KV groups (head_dim 128),
 vocab 512. One process, one thread, pinned to one core; the median of ``--repeats`` steps after ``--warmup``,
@@ -44,13 +44,13 @@ def make_rows(vocab: int, batch: int, samples: int, prompt_len: int, completion_
 
 
 def megatron_step(hf_dir: str, dtype: torch.dtype, batch, rewards, ac):
-    """A callable running one RL step on a Megatron learner (policy + reference) built as the trainer builds it."""
+    """A callable running one RL step on a Megatron learner (policy + reference) built as an RL run builds it."""
     from megatron_async_rlhf.learner.build import model_from_hf
     from megatron_async_rlhf.learner.model import build_model
     from megatron_async_rlhf.learner.step import rl_step
     from megatron_async_rlhf.learner.train import OptimConfig, wrap_for_training
 
-    cfg, model, info = model_from_hf(hf_dir, 1, 1, dtype=dtype)  # as the trainer builds them
+    cfg, model, info = model_from_hf(hf_dir, 1, 1, dtype=dtype)  # as an RL run builds them (modes/common.Policy)
     ddp, opt = wrap_for_training(model, OptimConfig(lr=ac.lr, clip_grad=ac.clip_grad))
     ref, _ = build_model(cfg, dtype=dtype, init=False)
     ref.load_state_dict(model.state_dict())
