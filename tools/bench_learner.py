@@ -5,10 +5,10 @@ same step in plain transformers + torch.optim.AdamW (fp32) as a reference. A scr
     python tools/bench_learner.py [--hf DIR] [--batch 64] [--samples 2] [--prompt-len 24] [--completion-len 64]
 
 One step is what the RL loop (``modes/rl.py``) runs per step (``learner.step.rl_step``, online DPO): the reference
-model's forward over every row, the policy's forward + backward in micro-batches, gradient clipping, one Adam step. Rows are
-``batch`` prompts x ``samples`` completions of random tokens (every prompt yields a pair). Without ``--hf`` it builds
-the issue's reference shape: LLaMA hidden 512, intermediate 1376, 6 layers, 4 heads / 2 KV groups (head_dim 128),
-vocab 512. One process, one thread, pinned to one core; the median of ``--repeats`` steps after ``--warmup``,
+model's forward over every row, the policy's forward + backward in micro-batches, gradient clipping, one Adam step.
+Rows are ``batch`` prompts x ``samples`` completions of random tokens (every prompt yields a pair). Without ``--hf``
+it builds the issue's reference shape: LLaMA hidden 512, intermediate 1376, 6 layers, 4 heads / 2 KV groups (head_dim
+128), vocab 512. One process, one thread, pinned to one core; the median of ``--repeats`` steps after ``--warmup``,
 the three variants interleaved step by step.
 The last line is ``step_s_fp32=... step_s_bf16=... speedup_bf16=... hf_step_s_fp32=... ratio_vs_hf=...``
 (``ratio_vs_hf`` = Megatron fp32 step / transformers fp32 step).
