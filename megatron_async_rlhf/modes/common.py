@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,14 +43,22 @@ def join_launch(cfg_dict: dict, session: str, world_size: int | None):
     return cfg, ctx
 
 
-def launch_learners(cfg: RunConfig, job, model_path: str, session: str) -> dict | None:
-    """Run ``job(cfg_dict, model_path, session)`` on a world of learner ranks only (no rollout engine: the
-    ``cluster.rollout_*`` fields are ignored); the controller's result, None on other ranks under torchrun."""
+def launch(cfg: RunConfig, job, model_path: str, session: str, learners_only: bool = False,
+           stop_grace_s: float | None = None) -> dict | None:
+    """Run ``job(cfg_dict, model_path, session)`` on every rank of the run's world (torchrun's, or local processes
+    started here); the controller's result, None on other ranks under torchrun. ``learners_only``: a world of learner
+    ranks alone (``cluster.rollout_*`` and ``reward_ranks`` ignored). ``stop_grace_s``: see
+    ``launch.run_distributed``."""
     from megatron_async_rlhf.launch import run_distributed
 
-    run = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, rollout_engines=0, reward_ranks=0))
-    return run_distributed(run.cluster.world, job, dataclasses.asdict(run), model_path, session, default_group=False,
-                           timeout_s=24 * 3600)[0]
+    t0 = time.time()
+    if learners_only:
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, rollout_engines=0, reward_ranks=0))
+    summary = run_distributed(cfg.cluster.world, job, dataclasses.asdict(cfg), model_path, session,
+                              default_group=False, timeout_s=24 * 3600, stop_grace_s=stop_grace_s)[0]
+    if summary is not None:
+        log.info("finished in %.1f s: %s", time.time() - t0, summary)
+    return summary
 
 
 # ----- the learner's side of a run --------------------------------------------------------------------------------

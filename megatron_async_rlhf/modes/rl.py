@@ -13,24 +13,17 @@ torchrun's ranks; otherwise it starts ``cluster.world`` local processes itself.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 
 from megatron_async_rlhf.config import RunConfig
-from megatron_async_rlhf.modes.common import Policy, PromptData, export_policy, join_launch, open_metrics
+from megatron_async_rlhf.modes.common import Policy, PromptData, export_policy, join_launch, launch, open_metrics
 
 log = logging.getLogger("megatron_async_rlhf")
 
 
 def main(cfg: RunConfig, model_path: str) -> int:
-    from megatron_async_rlhf.launch import run_distributed
-
-    t0 = time.time()
-    summary = run_distributed(cfg.cluster.world, job, dataclasses.asdict(cfg), model_path, default_group=False,
-                              timeout_s=24 * 3600, stop_grace_s=cfg.checkpoint.grace_s)[0]
-    if summary is not None:  # None: a non-controller rank under torchrun
-        log.info("finished in %.1f s: %s", time.time() - t0, summary)
+    launch(cfg, job, model_path, "run", stop_grace_s=cfg.checkpoint.grace_s)
     return 0
 
 

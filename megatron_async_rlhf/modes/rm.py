@@ -28,18 +28,16 @@ import torch.distributed as dist
 
 from megatron_async_rlhf.algorithms.bradley_terry import bradley_terry_loss
 from megatron_async_rlhf.config import RunConfig
-from megatron_async_rlhf.modes.common import join_launch, launch_learners, open_metrics
+from megatron_async_rlhf.modes.common import join_launch, launch, open_metrics
 
 log = logging.getLogger("megatron_async_rlhf")
 
 
 def main(cfg: RunConfig, model_path: str) -> int:
     """Launch a learner-only world and run :func:`job` on it."""
-    t0 = time.time()
-    summary = launch_learners(cfg, job, model_path, "rm")
+    summary = launch(cfg, job, model_path, "rm", learners_only=True)
     if summary is None:  # a non-controller rank under torchrun
         return 0
-    log.info("finished in %.1f s: %s", time.time() - t0, summary)
     print(f"rm_accuracy={summary['rm_accuracy']:.4f} rm_accuracy_before={summary['rm_accuracy_before']:.4f} "
           f"eval_pairs={summary['eval_pairs']} export={summary['export']}", flush=True)
     return 0

@@ -11,21 +11,11 @@ No rollout engine is started (``cluster.rollout_*`` are ignored). ``mode=rl`` wi
 
 from __future__ import annotations
 
-import logging
-import time
-
 from megatron_async_rlhf.config import RunConfig
-from megatron_async_rlhf.modes.common import (Policy, PromptData, export_policy, join_launch, launch_learners,
-                                              open_metrics)
-
-log = logging.getLogger("megatron_async_rlhf")
-
+from megatron_async_rlhf.modes.common import Policy, PromptData, export_policy, join_launch, launch, open_metrics
 
 def main(cfg: RunConfig, model_path: str) -> int:
-    t0 = time.time()
-    summary = launch_learners(cfg, job, model_path, "sft")
-    if summary is not None:
-        log.info("finished in %.1f s: %s", time.time() - t0, summary)
+    launch(cfg, job, model_path, "sft", learners_only=True)
     return 0
 
 
