@@ -526,11 +526,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, cuda: bool = False) -> "RunConfig":
-        from megatron_async_rlhf.modes import MODES
-
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}: use one of {sorted(MODES)}")
-        if self.mode == "rm":
+        if self.mode == "rm":  # the name itself is checked against the modes' registry (train.load_config)
             self.rm.validate(self.cluster.learner_dp)
         elif self.mode == "rl" and self.cluster.rollout_engines < 1:
             raise ConfigError(f"cluster.rollout_engines={self.cluster.rollout_engines}: mode={self.mode} needs at "

@@ -48,7 +48,11 @@ def load_config(overrides: list[str], cuda: bool | None = None) -> RunConfig:
             if not isinstance(target, dict):
                 raise ConfigError(f"override {o!r}: {part} is not a section")
         target[key.split(".")[-1]] = yaml.safe_load(value) if value != "" else ""
-    return run_config_from_dict(raw).validate(cuda=torch.cuda.is_available() if cuda is None else cuda)
+    from megatron_async_rlhf.modes import check_mode
+
+    cfg = run_config_from_dict(raw)
+    check_mode(cfg.mode)  # a name the modes' registry knows
+    return cfg.validate(cuda=torch.cuda.is_available() if cuda is None else cuda)
 
 
 def prepare_model(cfg: RunConfig) -> str:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from megatron_async_rlhf.learner.step import plan_micro_batches
-from megatron_async_rlhf.checks.parity import reported
 
 
 def test_row_count_plan_keeps_order_and_spreads_rows():

@@ -36,6 +36,7 @@ def test_gpu_recipes_are_rejected_on_cpu_with_a_reason():
     ("algorithm.max_staleness=-1", "max_staleness=-1 must be >= 0"),
     ("algorithm.max_new_tokens=60", "cannot hold prompt + completion"),
     ("recipe=nope", "Known recipes"),
+    ("mode=ppo", "mode='ppo': use one of ['rl', 'rm', 'sft']"),
     ("algorithm.bogus=1", "unknown algorithm field"),
     ("algorithm.beta=0.2", "algorithm.beta moved: set algorithm.online_dpo.beta instead"),
     ("rollout.backend=sglang", "rollout.backend='sglang' is not a registered rollout backend"),

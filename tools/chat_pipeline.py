@@ -54,12 +54,12 @@ def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, k
     response once per step and trains on all its comparisons, as InstructGPT's reward model does), else disjoint."""
     from transformers import AutoTokenizer
 
-    from megatron_async_rlhf.config import RolloutConfig
+    from megatron_async_rlhf.config import RolloutConfig, VLLMConfig
     from megatron_async_rlhf.data.chat_prompts import chat_splits
     from megatron_async_rlhf.data.tasks import prompt_ids
     from megatron_async_rlhf.models import resolve_model, stop_token_ids
     from megatron_async_rlhf.rewards.judges import label_pairs
-    from megatron_async_rlhf.rollout.engine import EngineSettings, RolloutEngine, SamplingSettings
+    from megatron_async_rlhf.rollout.base import EngineSettings, SamplingSettings, build_backend
     from megatron_async_rlhf.weights.hf_io import replace_dir
 
     model = resolve_model("smollm2-135m-instruct", out_dir)
@@ -68,8 +68,9 @@ def sample_pairs(out_dir: str, n_train: int, n_test: int, max_new_tokens: int, k
     if n_train + n_test > len(train_prompts):
         raise SystemExit(f"--pairs {n_train} + --rm-eval-pairs {n_test} > {len(train_prompts)} training prompts")
     prompts = train_prompts[: n_train + n_test]
-    engine = RolloutEngine(EngineSettings(model, 1, RolloutConfig(dtype="bfloat16", max_model_len=256, kv_cache_gib=2.0,
-                                                                  seed=seed, extra={"max_num_batched_tokens": 32768})))
+    vllm = VLLMConfig(kv_cache_gib=2.0, extra={"max_num_batched_tokens": 32768})
+    engine = build_backend(EngineSettings(model, 1, RolloutConfig(dtype="bfloat16", max_model_len=256, seed=seed,
+                                                                  vllm=vllm)))
     t0 = time.perf_counter()
     samples = engine.generate([prompt_ids(tok, p, use_chat_template=True) for p in prompts],
                               SamplingSettings(temperature=1.0, max_new_tokens=max_new_tokens, n=k,

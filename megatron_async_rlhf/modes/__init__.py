@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import importlib
 
+from megatron_async_rlhf.errors import ConfigError
+
 MODES = {"rl": "megatron_async_rlhf.modes.rl", "sft": "megatron_async_rlhf.modes.sft",
          "rm": "megatron_async_rlhf.modes.rm"}
 """mode name -> the module that runs it (imported only when that mode runs)."""
 
 
+def check_mode(name: str) -> None:
+    if name not in MODES:
+        raise ConfigError(f"mode={name!r}: use one of {sorted(MODES)}")
+
+
 def get_mode(name: str):
-    """The module of mode ``name`` (``config.RunConfig.validate`` has refused unknown names)."""
+    """The module of mode ``name``."""
+    check_mode(name)
     return importlib.import_module(MODES[name])

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_async_rlhf.algorithms.bradley_terry import bradley_terry_loss
 from megatron_async_rlhf.config import RunConfig
+from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.modes.common import join_launch, launch, open_metrics
 
 log = logging.getLogger("megatron_async_rlhf")
@@ -48,6 +49,37 @@ def job(cfg_dict: dict, model_path: str, session: str = "rm", world_size: int | 
     if ctx is None:
         return None
     return RewardModelTraining(cfg, ctx, model_path).run()
+
+
+def rm_max_len(cfg, max_positions: int) -> int:
+    """The longest prompt + response a reward-model run accepts: ``rm.max_len`` (at most the model's positions)."""
+    if cfg.rm.max_len > max_positions:
+        raise ConfigError(f"rm.max_len={cfg.rm.max_len} exceeds the model's max_position_embeddings={max_positions}")
+    return cfg.rm.max_len or max_positions
+
+
+def load_tokenized_pairs(cfg, tok, max_positions: int, vocab_size: int | None = None):
+    """(train, held-out) tokenized pairs of a mode=rm run, every contract checked (errors name the row and key)."""
+    from megatron_async_rlhf.data.preferences import comparison_groups, load_pairs, rm_pad_token_id, tokenize_pairs
+
+    d = cfg.data
+    if d.source in ("arithmetic", "synthetic_gsm8k"):
+        raise ConfigError(f"mode=rm trains on preference pairs, but data.source={d.source!r} is a built-in prompt "
+                          "source. Fix: set data.source to a preference dataset (prompt / chosen / rejected; README, "
+                          "'Reward models')")
+    max_len = rm_max_len(cfg, max_positions)
+    out = []
+    for split, limit in ((d.split, d.train_size), (d.eval_split, d.eval_size)):
+        pairs = load_pairs(d, split, limit)
+        if not pairs:
+            raise ConfigError(f"data split {split!r} of {d.source} has no preference pairs")
+        out.append(tokenize_pairs(tok, pairs, max_len, d.use_chat_template, d.prompt_template, cfg.rm.margin,
+                                  vocab_size, rm_pad_token_id(tok), what=f"{d.source} split {split!r} pair"))
+    groups = len(comparison_groups(out[0]))
+    if groups < cfg.rm.batch_size:
+        raise ConfigError(f"data has {len(out[0])} training pairs in {groups} comparison groups (pairs sharing a "
+                          f"response) < rm.batch_size={cfg.rm.batch_size} groups. Fix: lower rm.batch_size")
+    return out[0], out[1]
 
 
 def _last_stage_totals(values: list[float] | None, n: int) -> list[float]:
@@ -134,14 +166,14 @@ class RewardModelTraining:
     def __init__(self, cfg: RunConfig, ctx, model_path: str):
         from transformers import AutoTokenizer
 
-        from megatron_async_rlhf.checks.preferences import load_tokenized_pairs
         from megatron_async_rlhf.data.preferences import comparison_groups, rm_pad_token_id
         from megatron_async_rlhf.weights.llama_config import read_config
 
         self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
         tok = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = rm_pad_token_id(tok)
-        self.train_pairs, self.eval_pairs = load_tokenized_pairs(cfg, tok, read_config(model_path).max_position_embeddings)
+        max_positions = read_config(model_path).max_position_embeddings
+        self.train_pairs, self.eval_pairs = load_tokenized_pairs(cfg, tok, max_positions)
         self.groups = [[self.train_pairs[i] for i in g] for g in comparison_groups(self.train_pairs)]
         self.rng = random.Random(cfg.seed)  # the same on every rank: every replica draws the same batch
         self._order: list[int] = []
