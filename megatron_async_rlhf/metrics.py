@@ -20,6 +20,15 @@ import time
 log = logging.getLogger("megatron_async_rlhf")
 
 
+SIGNIFICANT_DIGITS = 7
+
+
+def significant(v: float) -> float:
+    """``v`` rounded to 7 significant digits (fp32 holds about 7): small values such as a learning rate of 8e-7 keep
+    their digits, which rounding to a fixed number of decimals would lose. NaN and infinities stay as they are."""
+    return float(f"{v:.{SIGNIFICANT_DIGITS}g}")
+
+
 class Metrics:
     def __init__(self, out_dir: str, config: dict, wandb_mode: str = "offline", project: str = "megatron_async_rlhf",
                  total_steps: int = 0, resume: dict | None = None):
@@ -51,7 +60,7 @@ class Metrics:
 
     def log(self, step: int, phase: str, **values) -> None:
         row = {"step": step, "phase": phase, "wall_s": round(time.time() - self.t0, 3),
-               **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
+               **{k: (significant(v) if isinstance(v, float) else v) for k, v in values.items()}}
         self.rows.append(row)
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()

@@ -43,7 +43,7 @@ def test_wandb_keeps_every_phase_step(tmp_path):
         m.log(s, "sft", loss=1.0 / (s + 1))
     m.log(0, "eval", accuracy=0.1)
     for s in range(1, 11):
-        m.log(s, "rl", reward_mean=s / 10)
+        m.log(s, "rl", reward_mean=s / 10, lr=8e-7 * s, loss=0.123456789)
     m.log(10, "eval", accuracy=0.5)
     m.close()
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -67,3 +67,31 @@ def test_wandb_keeps_every_phase_step(tmp_path):
         assert got == steps, (phase, got)
     assert [h["rl/reward_mean"] for h in hist if "rl/reward_mean" in h] == [s / 10 for s in range(1, 11)]
     assert [h["_step"] for h in hist] == list(range(32))  # wandb's own axis only grows: nothing dropped
+    # 7 significant digits in both sinks: a small learning rate keeps its digits
+    lrs = [float(f"{8e-7 * s:.7g}") for s in range(1, 11)]
+    assert [h["rl/lr"] for h in hist if "rl/lr" in h] == lrs and lrs[0] == 8e-7 and lrs[2] == 2.4e-6
+    assert [r["lr"] for r in rows if r["phase"] == "rl"] == lrs
+    assert {r["loss"] for r in rows if r["phase"] == "rl"} == {0.1234568}
+    assert '"lr": 8e-07,' in open(tmp_path / "metrics.jsonl").read()
+
+
+def test_seven_significant_digits():
+    from megatron_async_rlhf.metrics import significant
+
+    assert significant(8e-7) == 8e-7 and significant(1.23456789e-9) == 1.234568e-9
+    assert significant(123456789.0) == 123456800.0 and significant(-0.5) == -0.5 and significant(0.0) == 0.0
+    assert significant(float("inf")) == float("inf") and significant(float("nan")) != significant(float("nan"))
+
+
+def test_rl_row_lr_is_the_optimizers():
+    """modes/rl.py logs the rate the optimizer trained with: the base rate, not a param group's scaled one."""
+    import torch
+
+    from megatron_async_rlhf.learner.train import set_lr
+    from megatron_async_rlhf.modes.rl import _lr
+
+    w, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [w]}, {"params": [head], "lr_mult": 10.0}], lr=1.0)
+    set_lr(opt, 8e-7)
+    assert _lr(opt) == 8e-7 and opt.param_groups[1]["lr"] == 8e-6
+    assert set_lr(opt, 1e-3, "linear", done=5, total=10) == 5e-4 and _lr(opt) == 5e-4

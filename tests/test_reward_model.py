@@ -510,7 +510,7 @@ def test_mode_rm_learns_a_preference_and_exports(tmp_path):
     evals = [json.loads(x) for x in open(out / "metrics.jsonl") if '"rm_eval"' in x]
     assert [e["step"] for e in evals] == [0, 15, 30] and all(e["n"] == 64 for e in evals)
     lrs = [json.loads(x)["lr"] for x in open(out / "metrics.jsonl") if '"phase": "rm"' in x]
-    assert len(lrs) == 30 and lrs[0] == pytest.approx(2e-3, abs=1e-6)  # linear decay to 0 (metrics keep 6 decimals)
+    assert len(lrs) == 30 and lrs[0] == pytest.approx(2e-3, abs=1e-6)  # linear decay to 0 (metrics keep 7 significant digits)
     assert lrs[-1] == pytest.approx(2e-3 / 30, abs=1e-6)
     assert "[rank 1]" in r.stderr and "[rank 2]" not in r.stderr  # the 2 learner ranks only: no rollout engine
 

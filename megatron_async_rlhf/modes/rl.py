@@ -101,7 +101,7 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
                                               cfg.reward.missing_eos_penalty)
             m = {**timing, **rl_step(mb, rewards, ac, policy.ddp, policy.opt, ref, policy.mcfg.vocab_size,
                                      cfg.learner.max_tokens_per_micro_batch, critic=critic),
-                 **mb.stats, "train_s": time.perf_counter() - t0}
+                 **mb.stats, "lr": _lr(policy.opt), "train_s": time.perf_counter() - t0}  # lr: the step's (set in it)
             step = mb.index + 1
             if metrics:
                 metrics.log(step, "rl", **{k: v for k, v in m.items() if isinstance(v, (int, float))})
@@ -141,6 +141,12 @@ def _stopping_engines_at_exit(client, metrics):
     finally:
         if metrics:
             metrics.close()
+
+
+def _lr(opt) -> float:
+    """The optimizer's base learning rate (its first param group's, without that group's ``lr_mult``)."""
+    g = opt.param_groups[0]
+    return g["lr"] / g.get("lr_mult", 1.0)
 
 
 def _frozen_copy(cfg: RunConfig, policy: Policy):
