@@ -3,6 +3,7 @@
 
     python tools/bench_weight_sync.py [--model smollm2-135m-instruct] [--buckets-mb 64] [--repeats 3]
         [--learner-tp 1 --learner-pp 1] [--rollout-tp 1] [--multiprocess] [--backend vllm] [--step]
+        [--learner-dtype float32] [--rollout-dtype float32]
 
 Per bucket size, interleaved ``--repeats`` times (so a busy machine slows all three alike):
 - sync: ``RolloutClient.sync_weights`` as a training run calls it (TP gather, pack, broadcast, streamed load, ack);
@@ -20,8 +21,12 @@ buckets when told to.
 
 ``--model``: a model name (``smollm2-135m-instruct``), an HF directory, or a size here (tiny, small, medium: random
 LLaMAs). ``--step`` also times one generation and one train step and prints the sync's share of such a step.
+``--learner-dtype`` / ``--rollout-dtype``: the learner's weights (learner.precision) and the engine's
+(rollout.dtype); a sync is staged in the engine's dtype on the learner (``weights.sync.wire_dtype``), so an fp32
+learner feeding a bf16 engine sends half the bytes of an fp32 engine's sync.
 Last line: ``ratio_to_raw=<float> sync_s=<float> raw_s=<float> load_s=<float> peak_extra_engine_mb=<float>
-bucket_mb=<float> max_bucket_mb=<float>`` for the last bucket size.
+bucket_mb=<float> max_bucket_mb=<float> sync_mb=<float> params_m=<float>`` for the last bucket size (``sync_mb``: bytes
+per sync / 1e6).
 """
 
 import argparse
@@ -126,7 +131,8 @@ def engine_load(client) -> dict:
     return max(acks, key=lambda a: a["seconds"])
 
 
-def bench_job(session, hf_dir, cluster, rollout, bucket_mbs, repeats, step, prompts, new_tokens):
+def bench_job(session, hf_dir, cluster, rollout, bucket_mbs, repeats, step, prompts, new_tokens,
+              learner_dtype="float32"):
     import torch.distributed as dist
 
     from megatron_async_rlhf.cluster import setup
@@ -147,7 +153,7 @@ def bench_job(session, hf_dir, cluster, rollout, bucket_mbs, repeats, step, prom
         finally:
             if ctx.role.kind == "engine":
                 get_engine(settings, ctx.role.engine).drop_kept()
-    cfg, model, info = model_from_hf(hf_dir, ccfg.learner_tp, ccfg.learner_pp, dtype=torch.float32)
+    cfg, model, info = model_from_hf(hf_dir, ccfg.learner_tp, ccfg.learner_pp, dtype=getattr(torch, learner_dtype))
     client = RolloutClient(ctx)
     rows, version = [], 0
     try:
@@ -220,6 +226,8 @@ def main():
     ap.add_argument("--step", action="store_true", help="also time a generation + train step (sync's share)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--learner-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     from megatron_async_rlhf.config import ClusterConfig
     from megatron_async_rlhf.launch import WorkerGroup
@@ -235,14 +243,16 @@ def main():
         hf = resolve_model(args.model, tempfile.mkdtemp(prefix="bench_sync_"))
     cluster = dict(learner_tp=args.learner_tp, learner_pp=args.learner_pp, rollout_engines=1,
                    rollout_tp=args.rollout_tp, timeout_s=600)
-    rollout = dict(backend=args.backend, max_model_len=256, vllm=dict(engine_multiprocess=args.multiprocess))
+    rollout = dict(backend=args.backend, max_model_len=256, dtype=args.rollout_dtype,
+                   vllm=dict(engine_multiprocess=args.multiprocess))
     buckets = [float(b) for b in args.buckets_mb.split(",")]
     world = ClusterConfig(**cluster).validate().world
     with WorkerGroup(world, default_group=False, timeout_s=1800) as group:
         r = group.run(bench_job, "bench", hf, cluster, rollout, buckets, args.repeats, args.step, args.prompts,
-                      args.new_tokens)[0]
+                      args.new_tokens, args.learner_dtype)[0]
     print(f"\n{args.model}: {r['params'] / 1e6:.1f}M params, learner TP{args.learner_tp}xPP{args.learner_pp} -> 1 engine "
-          f"({args.backend}, TP{args.rollout_tp}, {'multi-process' if args.multiprocess else 'in-process'}), CPU, fp32, "
+          f"({args.backend}, TP{args.rollout_tp}, {'multi-process' if args.multiprocess else 'in-process'}), CPU, "
+          f"learner {args.learner_dtype} -> engine {args.rollout_dtype}, "
           f"medians of {args.repeats}")
     print(f"{'bucket MB':>9} {'MB':>8} {'sync s':>8} {'GB/s':>6} {'raw s':>7} {'load s':>7} {'ratio':>6} "
           f"{'peak extra MB':>13} {'max bucket MB':>13}" + (f" {'sync share':>10}" if args.step else ""))
@@ -258,7 +268,8 @@ def main():
     row = r["rows"][-1]
     print(f"ratio_to_raw={(row['raw_s'] + row['load_s']) / row['sync_s']:.3f} sync_s={row['sync_s']:.3f} "
           f"raw_s={row['raw_s']:.3f} load_s={row['load_s']:.3f} peak_extra_engine_mb={row['peak_extra'] / 1e6:.1f} "
-          f"bucket_mb={row['bucket_mb']:g} max_bucket_mb={row['max_bucket'] / 1e6:.1f}")
+          f"bucket_mb={row['bucket_mb']:g} max_bucket_mb={row['max_bucket'] / 1e6:.1f} "
+          f"sync_mb={row['bytes'] / 1e6:.2f} params_m={r['params'] / 1e6:.2f}")
 
 
 if __name__ == "__main__":

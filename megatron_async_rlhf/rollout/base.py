@@ -87,6 +87,9 @@ class RolloutBackend(abc.ABC):
     methods one at a time, so weights change only between calls unless a backend supports :meth:`pause`."""
 
     name: str = ""  # set by @register_backend
+    # the dtype the engine holds its weights in, set once it is up: the learner stages a sync's tensors in it
+    # (``weights.sync.wire_dtype``); None: not known, the learner sends its own
+    weight_dtype: torch.dtype | None = None
 
     def __init__(self, settings: EngineSettings, index: int = 0):
         """Start the engine from ``settings.model`` (initial weights); ``index`` is the engine's place in the pool

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_async_rlhf.cluster import ClusterContext, RolloutError
 from megatron_async_rlhf.rollout.base import Sample, SamplingSettings
 from megatron_async_rlhf.weights.gather import stage_hf_groups
-from megatron_async_rlhf.weights.sync import PackBuffers, send_stage
+from megatron_async_rlhf.weights.sync import PackBuffers, dtype_from_name, send_stage, wire_dtype
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,17 @@ class RolloutClient:
         self.last_sync: dict = {}
         self.last_collect: dict = {}  # reward_s (longest engine's scoring), collect_wait_s of the last collect()
         self._pack_buffers = PackBuffers()  # a stage owner's two reusable send buffers
+        box = [None]
         if ctx.is_controller:  # engines report once they are up; nothing is timed before that
-            for e in range(self.engines):
-                ctx.control.recv_obj(e + 1, "starting up (loading the model)", timeout_s=ctx.cfg.startup_timeout_s)
-        dist.barrier()  # the whole learner pool starts once the rollout pool is up
+            ready = [ctx.control.recv_obj(e + 1, "starting up (loading the model)", timeout_s=ctx.cfg.startup_timeout_s)
+                     for e in range(self.engines)]
+            dtypes = {r.get("dtype") for r in ready}
+            if len(dtypes) > 1:
+                raise RolloutError(f"rollout engines hold weights in different dtypes: {sorted(map(str, dtypes))}")
+            box = [dtypes.pop() if dtypes else None]
+        # the whole learner pool starts once the rollout pool is up, knowing the engines' weight dtype
+        dist.broadcast_object_list(box, src=0)
+        self.engine_dtype = dtype_from_name(box[0])  # syncs are staged in it (weights.sync.wire_dtype)
 
     # ----- generation (controller only) ------------------------------------------------------------------------
     def submit_generate(self, prompts: list[list[int]], sampling: SamplingSettings, rows: list | None = None) -> None:
@@ -91,7 +98,8 @@ class RolloutClient:
                                           f"starting weight sync v{version}")
         if ps.get_data_parallel_rank() == 0:
             bucket = int(self.ctx.cfg.bucket_mb * 2**20)
-            named = stage_hf_groups(model, info, cfg, chunk_bytes=bucket)  # collective over this stage's TP group
+            dtype = wire_dtype(next(model.parameters()).dtype, self.engine_dtype)  # converted before it leaves
+            named = stage_hf_groups(model, info, cfg, dtype, chunk_bytes=bucket)  # collective over the stage's TP group
             if info.tp_rank == 0:
                 if info.pp_rank not in self.ctx.bridges:
                     raise RuntimeError(f"learner rank {dist.get_rank()} owns stage {info.pp_rank}'s weights but is not "

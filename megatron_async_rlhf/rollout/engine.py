@@ -72,6 +72,7 @@ class VLLMBackend(RolloutBackend):
             kw.setdefault("max_num_batched_tokens", max(4096 * settings.tensor_parallel, rc.max_model_len))
         self.llm = LLM(**kw)
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and settings.tensor_parallel == 1
+        self.weight_dtype = self.llm.model_config.dtype  # rollout.dtype resolved (auto: from the checkpoint)
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
                  settings.model, settings.tensor_parallel, self.in_process)
 

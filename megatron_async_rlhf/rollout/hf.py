@@ -48,6 +48,7 @@ class HFBackend(RolloutBackend):
         self.generator = torch.Generator(self.device).manual_seed(rc.seed + index)  # unseeded requests
         # tied weights (lm_head = embed_tokens) appear once in named_parameters: the other names are aliases
         self.params = dict(self.model.named_parameters())
+        self.weight_dtype = next(iter(self.params.values())).dtype
         self.aliases = {n: c for n, t in self.model.state_dict(keep_vars=True).items() if n not in self.params
                         for c, p in self.params.items() if p is t}
         log.info("engine %d (hf) up in %.1f s (%s, %s)", index, time.perf_counter() - t0, settings.model, rc.dtype)
@@ -112,7 +113,9 @@ class HFBackend(RolloutBackend):
 
     @torch.no_grad()
     def load_weight_bucket(self, header: list, flat: torch.Tensor) -> None:
-        """Copy each HF-named tensor into the parameter of that name (``flat`` is reused afterwards: copies only)."""
+        """Copy each HF-named tensor into the parameter of that name (``flat`` is reused afterwards: copies only).
+        The learner stages tensors in this model's dtype (``weight_dtype``), or narrower when widening is exact (a bf16
+        learner, an fp32 engine): ``copy_`` casts."""
         from megatron_async_rlhf.weights.sync import unpack
 
         for name, t in unpack(header, flat):
@@ -121,6 +124,8 @@ class HFBackend(RolloutBackend):
             if p is None:
                 raise ValueError(f"weight {name!r} is not a parameter of the hf rollout model "
                                  f"({type(self.model).__name__}); the learner's HF names and this model disagree")
+            if not t.is_floating_point():
+                raise ValueError(f"weight {name!r} arrived as {t.dtype}, not a floating-point dtype")
             if p.shape != t.shape:
                 raise ValueError(f"weight {name!r}: received shape {tuple(t.shape)}, the model has {tuple(p.shape)}")
             if canon in self._loaded and canon == name:

@@ -66,7 +66,9 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None, handlers: 
     ch = ctx.control
     if ctx.reward_bridge is not None:  # its reward rank has its scorer loaded
         ctx.reward_bridge.recv_obj(1, "loading the reward scorer", timeout_s=ctx.cfg.startup_timeout_s)
-    ch.send_obj({"ready": True, "engine": ctx.role.engine}, 0, "reporting ready", timeout_s=ctx.cfg.startup_timeout_s)
+    dtype = None if engine.weight_dtype is None else str(engine.weight_dtype)  # the learner stages syncs in it
+    ch.send_obj({"ready": True, "engine": ctx.role.engine, "dtype": dtype}, 0, "reporting ready",
+                timeout_s=ctx.cfg.startup_timeout_s)
     stats = {"generate_calls": 0, "syncs": 0, "samples": 0}
     reward_fn = None
     if reward is not None:

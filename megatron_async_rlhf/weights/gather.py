@@ -18,8 +18,8 @@ from megatron_async_rlhf.weights.load import stage_bound
 def stage_hf_tensors(model, info, cfg: LlamaConfig, dtype: torch.dtype | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for every tensor this PP stage owns, in ``dtype`` (None: the model's; the live
-    sync passes the engines' dtype, so a bf16 engine never receives fp32). Collective over the TP group: every TP
-    rank of the stage must iterate it together."""
+    sync passes ``weights.sync.wire_dtype``, the engines' dtype, so a bf16 engine never receives fp32). Collective
+    over the TP group: every TP rank of the stage must iterate it together."""
     for group in stage_hf_groups(model, info, cfg, dtype):
         yield from group
 
@@ -31,9 +31,11 @@ def stage_hf_groups(model, info, cfg: LlamaConfig, dtype: torch.dtype | None = N
     in one bucket, so each of the engine's fused modules (qkv_proj, gate_up_proj) gets all its parts in one load
     call and no received bucket is held past its own load.
 
-    TP shards are gathered about ``chunk_bytes`` of full tensors at a time in one all-gather of their bytes, not one
-    collective per tensor: per-call latency, not bandwidth, dominated the per-tensor gather (a 30-layer model has
-    ~270 TP-sharded tensors)."""
+    TP shards are gathered about ``chunk_bytes`` of full tensors (in ``dtype``) at a time in one all-gather of their
+    bytes, not one collective per tensor: per-call latency, not bandwidth, dominated the per-tensor gather (a 30-layer
+    model has ~270 TP-sharded tensors). A ``dtype`` narrower than the model's is applied to each shard before the
+    gather (rounding is elementwise, so the result is the same and the gather moves fewer bytes); a wider one after.
+    At TP1 in the model's dtype the yielded tensors are the live parameters, not copies."""
     from megatron.core import parallel_state as ps
 
     params = dict(model.named_parameters())
@@ -44,10 +46,14 @@ def stage_hf_groups(model, info, cfg: LlamaConfig, dtype: torch.dtype | None = N
     chunk, size = [], 0
     for k, b in enumerate(bound):
         chunk.append(b)
-        size += params[b.mcore].numel() * params[b.mcore].element_size() * info.tp
+        p = params[b.mcore]
+        size += p.numel() * (dtype.itemsize if dtype is not None else p.element_size()) * info.tp
         if size < chunk_bytes and k + 1 < len(bound):
             continue
-        for b_, full in zip(chunk, _gather_chunk([params[c.mcore].detach() for c in chunk], chunk, info, group)):
+        # a narrower dtype rounds each shard before it is gathered: half the bytes on the TP links for fp32 -> bf16
+        locals_ = [t.to(dtype) if dtype is not None and dtype.itemsize < t.element_size() else t
+                   for t in (params[c.mcore].detach() for c in chunk)]
+        for b_, full in zip(chunk, _gather_chunk(locals_, chunk, info, group)):
             full = M.gather(full, b_.entry.shard, cfg.vocab_size)
             if dtype is not None:
                 full = full.to(dtype)

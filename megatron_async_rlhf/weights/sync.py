@@ -22,6 +22,28 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, tor
 Header = list[tuple[str, str, tuple[int, ...]]]
 
 
+def wire_dtype(learner: torch.dtype, engine: torch.dtype | None) -> torch.dtype:
+    """The dtype a sync stages (gathers, packs, sends) the learner's weights in: the engine's, converted on the learner
+    before any byte leaves it (an fp32 learner feeding a bf16 engine sends half the bytes, and the engine loads them
+    without a cast). One exception: an engine wider than the learner (a bf16 learner, an fp32 engine) gets the
+    learner's dtype, because widening a float is exact and the engine's load does it for free. ``engine`` None (not
+    reported): the learner's."""
+    if engine is None or engine == learner:
+        return learner
+    if learner.is_floating_point and engine.is_floating_point and engine.itemsize > learner.itemsize:
+        return learner
+    return engine
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    """``str(torch dtype)`` back to the dtype (what engines report at start-up); None stays None."""
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"unknown weight dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def buckets(groups: Iterable[list[tuple[str, torch.Tensor]]], bucket_bytes: int
             ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group tensors into lists of about ``bucket_bytes``. A group (the parts of one fused tensor: q/k/v, gate/up) is
