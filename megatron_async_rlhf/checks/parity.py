@@ -68,17 +68,19 @@ def random_batches(vocab_size: int, batch: int, seq_len: int, num: int, seed: in
 
 
 def hf_reference(hf_dir: str, batches: list[torch.Tensor], temperature: float = 1.0,
-                 dtype: torch.dtype = torch.float32):
-    """(logits [b, s, V], next-token log-probs [b, s-1]) per batch from transformers, computed in ``dtype``."""
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(logits [b, s, V], next-token log-probs [b, s-1]) per batch from transformers, computed in ``dtype`` on
+    ``device`` (returned on the CPU)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     out = []
     with torch.no_grad():
         for toks in batches:
+            toks = toks.to(device)
             logits = model(toks).logits.to(dtype)
             lp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1).gather(-1, toks[:, 1:, None])[..., 0]
-            out.append((logits, lp))
+            out.append((logits.cpu(), lp.cpu()))
     return out
 
 

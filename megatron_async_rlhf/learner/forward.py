@@ -20,18 +20,25 @@ def forward_collect(
 ) -> list[object]:
     """Run the micro-batches forward through every pipeline stage; on the last stage, apply
     ``on_logits(vocab_parallel_logits [b, s, Vp/tp], micro_batch_index)`` and return its results (in order). Other
-    stages return an empty list. All ranks of the learner pool call this together."""
+    stages return an empty list. All ranks of the learner pool call this together.
+
+    The micro-batches may live on another device than the model (built on the CPU, the model on a GPU): they go to
+    the model's device for the forward, and ``on_logits``' tensors come back to the micro-batch's device."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_async_rlhf.learner.train import model_device, on_device
+
+    device = model_device(model)
     it = iter(enumerate(micro_batches))
     collected: list[object] = []
 
     def loss_func(i, output):
-        collected.append(on_logits(output, i))
+        collected.append(on_device(on_logits(output, i), micro_batches[i].device))
         return output.sum() * 0.0, {}
 
     def step(data_iterator, m):
         i, tokens = next(data_iterator)
+        tokens = tokens.to(device)
         # attention_mask=None: the local and TE attention apply the causal mask themselves
         out = m(tokens, _position_ids(tokens), None)  # [b, s, Vp/tp] on the last stage, hidden states elsewhere
         return out, partial(loss_func, i)

@@ -27,6 +27,7 @@ def vocab_parallel_logprobs(
     part = logits.shape[-1]
     start = tp_rank * part
     x = logits.float()  # fp32 from here whatever the learner's precision (bf16 logits, fp32 softmax)
+    targets = targets.to(x.device)  # the caller's token ids may still be on the CPU
     if temperature != 1.0:
         x = x / temperature
     cols = torch.arange(start, start + part, device=x.device)

@@ -106,6 +106,22 @@ def variable_shapes(model, micro_batches: list[torch.Tensor]):
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
+def model_device(model) -> torch.device:
+    """Where the model's (this stage's) weights live: the CPU, or this rank's GPU."""
+    return next(model.parameters()).device
+
+
+def on_device(obj, device: torch.device):
+    """``obj`` with every tensor in it (a tensor, or a dict / list / tuple of them, one level deep) on ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(v.to(device) if torch.is_tensor(v) else v for v in obj)
+    return obj
+
+
 def train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, vocab_size: int,
                temperature: float = 1.0, head_fn: Callable[[torch.Tensor, dict], torch.Tensor] | None = None) -> dict:
     """One optimizer step. ``loss_fn`` reads the log-probs ``[b, s-1]`` of each next token, or with ``head_fn``
@@ -139,10 +155,12 @@ def _train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, head
         metrics.append((w, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in m.items()}))
         return loss * (w * n), {}  # megatron-core divides by the number of micro-batches
 
+    device = model_device(ddp)
+
     def step(data_iterator, model):
-        batch = next(data_iterator)
+        batch = on_device(next(data_iterator), device)  # micro-batches are built on the CPU; the model may be on a GPU
         tokens = batch["tokens"]
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)  # [b, s]
         return model(tokens, pos, None), partial(loss_func, batch)
 
     b, s = micro_batches[0]["tokens"].shape
