@@ -205,7 +205,8 @@ def _completion_logprobs(model, prompts_of_rows, completions, vocab_size):
                                                                                          completions))]
 
 
-def _rl_job(policy_dir: str, ref_dir: str, name: str, prompts, completions, sampler, rewards, mutation: str):
+def _rl_job(policy_dir: str, ref_dir: str, name: str, prompts, completions, sampler, rewards, mutation: str,
+            updates: int = 1, settings: dict | None = None):
     """One rl_step at DP1; the step's metrics, the output layer's gradient, the policy's log-probs before/after."""
     from megatron_async_rlhf.config import run_config_from_dict
     from megatron_async_rlhf.learner.build import model_from_hf
@@ -214,7 +215,7 @@ def _rl_job(policy_dir: str, ref_dir: str, name: str, prompts, completions, samp
 
     ac = run_config_from_dict({"algorithm": {
         "name": name, "samples_per_prompt": K, "micro_batch": MICRO_BATCH[name], "temperature": TEMPERATURE,
-        "lr": LR, name: SETTINGS[name]}}).validate().algorithm
+        "lr": LR, "updates_per_batch": updates, name: settings or SETTINGS[name]}}).validate().algorithm
     cfg, model, _ = model_from_hf(policy_dir, 1, 1, dtype=torch.float32)
     ddp, opt = wrap_for_training(model, OptimConfig(lr=ac.lr, clip_grad=0.0))  # no clipping: the raw gradient
     _, ref, _ = model_from_hf(ref_dir, 1, 1, dtype=torch.float32)
@@ -276,12 +277,12 @@ def reference(tiny_models, tmp_path_factory):
 _RUNS: dict = {}
 
 
-def _run(solo, reference, name: str, mutation: str = "none") -> dict:
-    key = (name, mutation)
+def _run(solo, reference, name: str, mutation: str = "none", updates: int = 1, settings: dict | None = None) -> dict:
+    key = (name, mutation, updates, repr(settings))
     if key not in _RUNS:
         _RUNS[key] = solo.run(_rl_job, reference.policy_dir, reference.ref_dir, name, reference.prompts,
                               reference.completions, [s.tolist() for s in reference.sampler], reference.rewards,
-                              mutation)[0]
+                              mutation, updates, settings)[0]
     return _RUNS[key]
 
 
@@ -366,3 +367,27 @@ def test_a_broken_wiring_is_caught(solo, reference, name, mutation):
     bad = _mismatches(reference, name, _run(solo, reference, name, mutation))
     print(f"{name} / {mutation}: {bad}")
     assert any(b.startswith("loss") for b in bad), f"{mutation} in {name} went unnoticed by the loss check: {bad}"
+
+
+def test_ppo_second_update_is_clipped_against_the_policy_before_the_first(solo, reference):
+    """``updates_per_batch=2``: the second update's loss is PPO-clip with the ratio against the log-probs the batch
+    arrived with (``old``) and the policy after the first update, the same one a one-update step ends at."""
+    clip = {"clip_eps": 0.03, "tis_cap": SETTINGS["ppo"]["tis_cap"]}  # small enough for the first update to cross it
+    one, two = _run(solo, reference, "ppo", settings=clip), _run(solo, reference, "ppo", updates=2, settings=clip)
+    after_one = one["after"]  # the policy after the first update (the learner's forward, checked against HF above)
+    ratio = torch.cat([torch.exp(a - b) for a, b in zip(after_one, one["before"])])
+    clipped = float(((ratio - 1).abs() > clip["clip_eps"]).float().mean())
+    assert 0.1 < clipped < 0.9, f"the test's step should clip some tokens, not {clipped:.0%}"
+    args = (after_one, reference.ref_lp, reference.sampler, reference.rewards)
+    with torch.no_grad():
+        expected = float(_ppo_loss(*args, old=one["before"], **clip))
+        ratio_one = float(_ppo_loss(*args, **clip))  # the ratio against the current policy: clip never acts
+        unclipped = float(_ppo_loss(*args, old=one["before"], clip_eps=1e9, tis_cap=clip["tis_cap"]))
+    loss = two["out"]["loss"]
+    print(f"ppo, 2 updates: loss {loss:.6f} (hand-written {expected:.6f}; ratio 1: {ratio_one:.6f}, "
+          f"unclipped: {unclipped:.6f}), clip fraction {two['out']['clip_fraction']:.3f} (hand-written {clipped:.3f})")
+    tol = 1e-5 + 1e-4 * abs(expected)
+    assert abs(ratio_one - expected) > 10 * tol and abs(unclipped - expected) > 10 * tol  # the check can tell them apart
+    assert abs(loss - expected) < tol, f"PPO's second update: loss {loss} != hand-written {expected}"
+    assert two["out"]["clip_fraction"] == pytest.approx(clipped, abs=1.01 / len(ratio))  # a token on the edge may flip
+    assert two["out"]["optimizer_steps"] == 2
