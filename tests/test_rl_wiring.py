@@ -387,7 +387,8 @@ def test_ppo_second_update_is_clipped_against_the_policy_before_the_first(solo, 
     print(f"ppo, 2 updates: loss {loss:.6f} (hand-written {expected:.6f}; ratio 1: {ratio_one:.6f}, "
           f"unclipped: {unclipped:.6f}), clip fraction {two['out']['clip_fraction']:.3f} (hand-written {clipped:.3f})")
     tol = 1e-5 + 1e-4 * abs(expected)
-    assert abs(ratio_one - expected) > 10 * tol and abs(unclipped - expected) > 10 * tol  # the check can tell them apart
+    # the check can tell the right loss from the ratio-1 and the unclipped ones
+    assert abs(ratio_one - expected) > 10 * tol and abs(unclipped - expected) > 10 * tol
     assert abs(loss - expected) < tol, f"PPO's second update: loss {loss} != hand-written {expected}"
     assert two["out"]["clip_fraction"] == pytest.approx(clipped, abs=1.01 / len(ratio))  # a token on the edge may flip
     assert two["out"]["optimizer_steps"] == 2
