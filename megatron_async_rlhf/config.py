@@ -466,6 +466,10 @@ class RewardConfig:
     ranks of their own: ``cluster.reward_ranks``, one per engine, so the scorer's memory is off both pools). The
     scorer is loaded only there: with rollout or dedicated the learner holds none, and evaluations are scored there
     too. ``reward_s`` and ``reward_wait_s`` (the part the learner waited for) are logged per step."""
+    policy_format: dict | None = None
+    """Set by the run from ``data.use_chat_template`` / ``data.prompt_template``, not by hand: the policy's prompt
+    format, in which a reward model whose config.json records no input format reads prompt + completion
+    (``rewards/reward_model.py``; one recorded by ``mode=rm`` wins)."""
 
 
 @dataclass(kw_only=True)
@@ -527,6 +531,11 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        # the reward source is built from the reward section alone (on the controller, an engine or a reward rank)
+        self.reward.policy_format = {"use_chat_template": self.data.use_chat_template,
+                                     "template": self.data.prompt_template}
 
     def validate(self, cuda: bool = False) -> "RunConfig":
         if self.mode == "rm":  # the name itself is checked against the modes' registry (train.load_config)

@@ -152,7 +152,7 @@ def eval_judge(cfg, reward_fn=None):
     if "/" in name:  # another reward model, loaded here
         from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
 
-        rm = RewardModelScorer(name)
+        rm = RewardModelScorer(name, policy_format=cfg.reward.policy_format)
         return lambda prompts, completions: rm.score(prompts, completions).tolist()
     return get_judge(name)
 

