@@ -137,3 +137,37 @@ def test_preflight_refuses_before_launch(tiny_models, tmp_path, capsys):
         from megatron_async_rlhf.train import load_config
 
         check_reward_models(load_config(["eval.judge=/nowhere/rm"], cuda=False))
+
+
+@pytest.mark.multiproc
+def test_a_nan_reward_stops_the_main_job_before_any_update(tiny_models, tmp_path):
+    """The whole run (``python -m megatron_async_rlhf``), reward model scored on the rollout side, every training
+    prompt scoring NaN (the reward model's embedding of ``z`` is NaN; eval prompts have none): the run exits non-zero
+    at RL step 1 naming the source, the step and a prompt, with no RL row logged and no policy exported (it used to
+    skip every step and exit 0)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_placement import _poisoned_reward_model
+
+    hf = tiny_models["tiny-gqa"]
+    rm_dir = _poisoned_reward_model(hf, str(tmp_path / "rm"))
+    os.makedirs(tmp_path / "data")
+    with open(tmp_path / "data" / "train.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": f"Q: z+{i}= A:", "answer": str(i)}) + "\n" for i in range(16))
+    with open(tmp_path / "data" / "test.jsonl", "w") as f:
+        f.writelines(json.dumps({"question": f"Q: {i}+1= A:", "answer": str(i + 1)}) + "\n" for i in range(4))
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"model.path={hf}", f"data.source={tmp_path}/data",
+                        "data.train_size=16", "data.eval_size=4", "sft.steps=0", "algorithm.steps=3",
+                        "algorithm.prompts_per_step=4", "reward.kind=reward_model",
+                        f"reward.reward_model_path={rm_dir}", "reward.placement=rollout", f"logging.out_dir={out}",
+                        "logging.wandb_mode=disabled"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode != 0, r.stderr[-3000:]
+    assert "NonFiniteReward: reward.kind=reward_model returned nan for 16 of 16 samples at RL step 1; the first is a " \
+           "completion of prompt index" in r.stderr, r.stderr[-3000:]
+    assert "('Q: z+" in r.stderr
+    phases = [json.loads(x)["phase"] for x in open(out / "metrics.jsonl")]
+    assert phases == ["eval"] and not (out / "policy").exists()
