@@ -25,6 +25,9 @@ temperature T, ``ref_it`` of the reference, ``s_it`` of the sampler; ``r_i`` the
   prompt's k), ``old = logp`` (detached: the policy when the batch arrived), ``w_it = min(exp(old_it - s_it), cap)``,
   ``ratio = exp(logp - old)``, ``loss = sum_it w_it max(-A_i ratio, -A_i clip(ratio, 1-eps, 1+eps)) / #tokens``.
 
+With ``updates_per_batch=2`` PPO's second update is checked too: its ratio against the log-probs before the first
+update, where the clip acts (the one-update step's ratio is 1).
+
 Every check must be able to fail: ``test_a_broken_wiring_is_caught`` breaks the code in the worker (monkeypatches:
 chosen/rejected swapped, the KL term negated, advantages shifted by one row, the importance weight dropped) and
 asserts that the same comparison reports it.
