@@ -563,12 +563,6 @@ class RunConfig:
         if self.eval.judge == "reward_model" and self.reward.kind != "reward_model":
             raise ConfigError("eval.judge=reward_model is the run's reward model, but reward.kind="
                               f"{self.reward.kind!r}; give a reward model directory instead")
-        if (self.eval.judge == "reward_model" and self.eval.win_rate_against == "answers"
-                and self.reward.placement != "controller"):
-            raise ConfigError(f"eval.judge=reward_model with eval.win_rate_against=answers and reward.placement="
-                              f"{self.reward.placement}: the run's reward model lives on the rollout side, which scores "
-                              "sampled completions only, not the reference answers. Fix: reward.placement=controller, "
-                              "or eval.judge=<the reward model's directory> (a second copy on the learner)")
         if self.eval.judge and self.eval.judge != "reward_model" and "/" not in self.eval.judge:
             from megatron_async_rlhf.rewards.judges import get_judge
 

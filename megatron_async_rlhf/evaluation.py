@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 
 from megatron_async_rlhf.rollout.base import SamplingSettings
 
@@ -48,7 +49,8 @@ def win_rate(scores: list[float], baseline: list[float]) -> dict:
 
 RUN_REWARD = "the run's reward"
 """``Evaluator(judge=RUN_REWARD)``: the judge's score of a completion is the run's own reward of it (``eval.judge=
-reward_model`` when that model is loaded only on the rollout side: the scores come back with the samples)."""
+reward_model`` when that model is loaded only on the rollout side: the scores come back with the samples, and
+reference answers are sent there to be scored)."""
 
 
 class Evaluator:
@@ -63,14 +65,13 @@ class Evaluator:
         evaluation also reports ``judge_mean`` and the win-rate of its completions against the first evaluation's
         (the starting policy's) on the same prompts, as judged by it, and ``reward_mean``: the run's own (proxy)
         reward of the same completions. ``against_answers``: the win-rate is against the rows' reference answers
-        (``row.answer``, judged once) instead of the first evaluation's completions; not with ``RUN_REWARD``.
+        (``row.answer``, judged once; with ``RUN_REWARD`` scored on the rollout side, ``rewards.placement.
+        score_texts_remotely``) instead of the first evaluation's completions.
 
         ``rows_to_engines``: the rows travel with the prompts, so the rollout side scores the completions
         (``reward.placement=rollout|dedicated``) and ``score`` reads the rewards they came back with. A non-finite
         reward stops the run (``rewards.placement.NonFiniteReward``, naming ``reward_kind``)."""
         self.prompt_ids, self.rows, self.score, self.tok = prompt_ids, rows, score, tokenizer
-        if judge is RUN_REWARD and against_answers:
-            raise ValueError("the run's reward judges sampled completions only, not the rows' reference answers")
         self.judge = judge
         self.first_judged: list[float] | None = None
         self.against_answers = against_answers
@@ -112,8 +113,11 @@ class Evaluator:
             for s, j in zip(samples, scores):
                 judged[s.prompt_index] = float(j)
             if self.first_judged is None and self.against_answers:
-                self.first_judged = [float(j) for j in self.judge([r.prompt for r in self.rows],
-                                                                  [r.answer for r in self.rows])]
+                from megatron_async_rlhf.rewards.placement import score_texts_remotely
+
+                judge = (partial(score_texts_remotely, client) if self.judge is RUN_REWARD else self.judge)
+                self.first_judged = [float(j) for j in judge([r.prompt for r in self.rows],
+                                                             [r.answer for r in self.rows])]
             if self.first_judged is None:
                 self.first_judged = judged
             extra = {"judge_mean": sum(judged) / max(n, 1), "reward_mean": float(rewards.mean()),

@@ -109,8 +109,10 @@ def _reward_model_off_the_learner_job(session, hf_dir, world_size, rm_dir, place
     from megatron_async_rlhf.data.tasks import Row
     from megatron_async_rlhf.evaluation import RUN_REWARD, Evaluations
     from megatron_async_rlhf.metrics import Metrics
-    from megatron_async_rlhf.rewards.placement import (NonFiniteReward, carried_rewards, controller_scorer,
-                                                        learner_rewards, serve_rewards)
+    from megatron_async_rlhf.rewards import placement as placements
+    from megatron_async_rlhf.rewards.placement import (TEXT_SCORES, NonFiniteReward, carried_rewards,
+                                                        controller_scorer, learner_rewards, serve_rewards,
+                                                        text_scores_handler)
     from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
     from megatron_async_rlhf.rollout.base import EngineSettings, SamplingSettings
     from megatron_async_rlhf.rollout.client import RolloutClient
@@ -124,8 +126,9 @@ def _reward_model_off_the_learner_job(session, hf_dir, world_size, rm_dir, place
         return None
     if ctx.role.kind == "reward":
         return serve_rewards(ctx, rc, hf_dir)
-    if ctx.role.kind == "engine":
-        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig()), reward=None if dedicated else rc)
+    if ctx.role.kind == "engine":  # as modes/rl.py starts it
+        return serve(ctx, EngineSettings(hf_dir, 1, RolloutConfig()), reward=None if dedicated else rc,
+                     handlers={TEXT_SCORES: text_scores_handler(rc, hf_dir)})
     client = RolloutClient(ctx)
     try:
         tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -142,6 +145,14 @@ def _reward_model_off_the_learner_job(session, hf_dir, world_size, rm_dir, place
         held = sum(isinstance(o, RewardModelScorer) for o in gc.get_objects())  # reward models in this process
         judge_is_run_reward = evals.evaluator().judge is RUN_REWARD
         written = [json.loads(x) for x in open(before["file"])]
+        # eval.win_rate_against=answers: the reference answers are scored on the rollout side too
+        cfg_answers = run_config_from_dict({"reward": reward, "eval": {"judge": "reward_model",
+                                                                       "win_rate_against": "answers"},
+                                            "logging": {"out_dir": out_dir + "/answers", "wandb_mode": "disabled"}})
+        against = Evaluations(cfg_answers, data, reward_fn, metrics, True)
+        against.run(client, 0)
+        gc.collect()
+        held += sum(isinstance(o, RewardModelScorer) for o in gc.get_objects())
 
         sampling = SamplingSettings(max_new_tokens=6, n=2, stop_token_ids=(), seed=3)
         rows = clean + [poisoned]
@@ -157,6 +168,8 @@ def _reward_model_off_the_learner_job(session, hf_dir, world_size, rm_dir, place
         # reference scores of the evaluated completions, now loaded here
         rm = RewardModelScorer(rm_dir)
         out["reference"] = rm.score([w["prompt"] for w in written], [w["completion"] for w in written])
+        out["answers_judged"] = against.evaluator().first_judged
+        out["answers_reference"] = rm.score([r.prompt for r in clean], [r.answer for r in clean]).tolist()
         rc_here = dataclasses.replace(rc, placement="controller")
         try:  # scored by the controller
             learner_rewards(ctx, controller_scorer(rc_here, tok), client.generate(ids(rows), sampling), rows, {},
@@ -173,6 +186,7 @@ def _reward_model_off_the_learner_job(session, hf_dir, world_size, rm_dir, place
         return {**out, "errors": errors}
     finally:
         client.shutdown()
+        placements.SCORERS.clear()  # this worker process runs the next test's controller too
 
 
 @pytest.mark.parametrize("placement", ["rollout", "dedicated"])
@@ -190,6 +204,7 @@ def test_reward_model_only_where_rewards_are_scored_and_nan_stops(ppool, tiny_mo
     assert [w["judge"] for w in out["written"]] == [w["reward"] for w in out["written"]]
     assert out["before"]["judge_mean"] == pytest.approx(got.mean().item(), abs=1e-6)
     assert torch.isfinite(out["good"]).all() and torch.equal(out["good"], out["carried"])
+    assert out["answers_judged"] == pytest.approx(out["answers_reference"], abs=1e-5)
     # a NaN reward stops the learner, naming the source, the step and the prompt, on each path it arrives by
     e = out["errors"]
     assert set(e) == {"carried", "controller", "eval"}, e
@@ -206,8 +221,6 @@ def test_reward_model_only_where_rewards_are_scored_and_nan_stops(ppool, tiny_mo
     (["reward.placement=gpu0"], "reward.placement='gpu0'"),
     (["reward.placement=dedicated"], "set cluster.reward_ranks=1"),
     (["cluster.reward_ranks=1"], "those ranks would sit idle"),
-    (["reward.kind=reward_model", "reward.reward_model_path=/rm", "reward.placement=rollout", "eval.judge=reward_model",
-      "eval.win_rate_against=answers"], "scores sampled completions only, not the reference answers"),
     (["reward.dtype=fp16"], "reward.dtype='fp16': use auto, float32 or bfloat16"),
     (["mode=rm", "rm.lr_schedule=cosine"], "rm.lr_schedule='cosine': use constant or linear"),
     (["mode=rm", "rm.warmup_steps=100"], "rm.warmup_steps=100 must be >= 0 and < rm.steps=100"),

@@ -41,10 +41,12 @@ def job(cfg_dict: dict, model_path: str, session: str = "run", world_size: int |
 
         return serve_rewards(ctx, cfg.reward, model_path)
     if ctx.role.kind != "learner":
+        from megatron_async_rlhf.rewards.placement import TEXT_SCORES, text_scores_handler
         from megatron_async_rlhf.rollout.server import serve
 
         return serve(ctx, EngineSettings(model_path, cfg.cluster.rollout_tp, cfg.rollout),
-                     reward=cfg.reward if cfg.reward.placement == "rollout" else None)
+                     reward=cfg.reward if cfg.reward.placement == "rollout" else None,
+                     handlers={TEXT_SCORES: text_scores_handler(cfg.reward, model_path)})  # eval's reference answers
     return train(cfg, ctx, model_path)
 
 

@@ -30,16 +30,29 @@ import torch
 PLACEMENTS = ("controller", "rollout", "dedicated")
 
 
+SCORERS: dict[tuple, object] = {}
+"""This process's reward sources by what decides them: a rank that scores in two ways (an engine's generations and
+:func:`serve_text_scores`) loads its reward model once."""
+
+
+def shared_scorer(rc):
+    """The reward source of ``RewardConfig`` ``rc``, built once per process (``SCORERS``)."""
+    from megatron_async_rlhf.rewards.scorer import build_scorer
+
+    key = (rc.kind, rc.reward_model_path, rc.dtype, rc.judge, tuple(sorted((rc.policy_format or {}).items())))
+    if key not in SCORERS:
+        SCORERS[key] = build_scorer(rc)
+    return SCORERS[key]
+
+
 class RewardFn:
     """Raw rewards of samples: ``fn(samples, rows) -> [N]``, where sample ``s`` answers ``rows[s.prompt_index]``.
     The run's reward source (``reward.kind``, ``rewards/scorer.py``) scores the decoded completions with their rows'
     prompts and gold answers."""
 
     def __init__(self, reward_cfg, tokenizer):
-        from megatron_async_rlhf.rewards.scorer import build_scorer
-
         self.tok = tokenizer
-        self.text = build_scorer(reward_cfg)
+        self.text = shared_scorer(reward_cfg)
 
     def __call__(self, samples, rows) -> torch.Tensor:
         texts = self.tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
@@ -147,6 +160,10 @@ def serve_rewards(ctx, reward_cfg, model_path: str) -> dict:
         msg = ch.recv_obj(0, "waiting for samples to score", timeout_s=ctx.cfg.idle_timeout_s)
         if msg["cmd"] == "shutdown":
             return stats
+        if msg["cmd"] == TEXT_SCORES:
+            ch.send_obj({"rewards": fn.text.score(msg["prompts"], msg["completions"]).tolist()}, 0,
+                        "returning text scores")
+            continue
         t0 = time.perf_counter()
         rewards = fn(msg["samples"], msg["rows"]).tolist()
         seconds = time.perf_counter() - t0
@@ -164,3 +181,35 @@ def score_remotely(ch, samples, rows) -> float:
     for s, r in zip(samples, reply["rewards"]):
         s.reward = r
     return reply["seconds"]
+
+
+# ----- texts that were not sampled (the reference answers an evaluation judges against) ---------------------------
+TEXT_SCORES = "score_texts"
+"""The rollout command (an engine handler, ``rollout.server.serve(handlers=...)``) that scores given prompt +
+completion texts with the run's reward source where it lives: the engine's own scorer (``rollout``) or its reward
+rank's (``dedicated``)."""
+
+
+def text_scores_handler(reward_cfg, model_path: str):
+    """The engine's handler of :data:`TEXT_SCORES` (``modes/rl.py`` passes it to every engine)."""
+
+    def handle(ctx, engine, msg) -> None:
+        if ctx.reward_bridge is not None:  # dedicated: the engine's reward rank holds the scorer
+            ctx.reward_bridge.send_obj(msg, 1, f"sending {len(msg['prompts'])} texts to score")
+            reply = ctx.reward_bridge.recv_obj(1, f"scoring {len(msg['prompts'])} texts")
+        else:  # rollout: the scorer this engine scores its generations with (built once, shared_scorer)
+            from transformers import AutoTokenizer
+
+            fn = RewardFn(reward_cfg, AutoTokenizer.from_pretrained(model_path))
+            reply = {"rewards": fn.text.score(msg["prompts"], msg["completions"]).tolist()}
+        ctx.control.send_obj(reply, 0, "returning text scores")
+
+    return handle
+
+
+def score_texts_remotely(client, prompts: list, completions: list[str]) -> list[float]:
+    """Controller: the run's raw rewards of given texts, scored on the rollout side (the first engine)."""
+    ch = client.ctx.control
+    ch.send_obj({"cmd": TEXT_SCORES, "prompts": prompts, "completions": completions}, 1,
+                f"sending {len(prompts)} texts to score")
+    return ch.recv_obj(1, f"scoring {len(prompts)} texts")["rewards"]
