@@ -150,7 +150,7 @@ def _run_schedule(monkeypatch, max_staleness, m, steps=8, per=3, lag=0):
     from megatron_async_rlhf.schedules import ENGINES_IDLE
     from megatron_async_rlhf.schedules import rounds as S
 
-    monkeypatch.setattr(S.dist, "broadcast_object_list", lambda box, src: None)  # one "rank": nothing to send
+    monkeypatch.setattr(S.dist, "get_world_size", lambda: 1)  # one learner rank: nothing to deal out
     eng = _Engines(lag=lag)
     sched = S.Rounds(eng, _POLICY, _Prompts(per * m), SamplingSettings(), steps, max_staleness, off_policy_n=m)
     seen = []
@@ -192,7 +192,7 @@ def test_a_checkpoint_between_rounds_saves_the_round_older_weights_generated(mon
     from megatron_async_rlhf.schedules import ENGINES_IDLE
     from megatron_async_rlhf.schedules import rounds as S
 
-    monkeypatch.setattr(S.dist, "broadcast_object_list", lambda box, src: None)
+    monkeypatch.setattr(S.dist, "get_world_size", lambda: 1)
 
     def trained(sched, stop_after=None):
         out = []

@@ -7,7 +7,8 @@ hooks in this order and knows no algorithm by name::
 
     rows(rewards)                    -> row order (chosen/rejected pairs, all samples, ...), metrics
     needs_old_logprobs(updates)      -> whether the step records the policy's log-probs before its first update
-    advantages(micro_batches, ...)   -> ``m["adv"]`` per micro-batch (last pipeline stage), metrics
+    advantages(micro_batches, ...)   -> ``m["adv"]`` per micro-batch (last pipeline stage), metrics; the rows of
+                                        this data-parallel replica, the rewards of the whole batch
     units(micro_batch)               -> its share of the batch's loss (pairs, samples, tokens)
     loss(logp, micro_batch)          -> (loss of the micro-batch, metrics): a pure function of tensors
     value_loss(values, micro_batch)  -> the critic's loss, for algorithms with ``uses_critic``
@@ -20,7 +21,7 @@ Micro-batch dicts carry ``tokens [b, s]``, ``mask [b, s-1]`` (1 where a completi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -41,6 +42,9 @@ class Algorithm:
     """Consecutive rows that form one loss unit and are never split over micro-batches (2: a DPO pair)."""
     uses_critic: ClassVar[bool] = False
     """True: the learner builds a value model (``learner/critic.py``) and trains it with :meth:`value_loss`."""
+    dp_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Set by the learner step when the batch's rows are split over data-parallel replicas: sums a tensor over the
+    replicas, for statistics of the whole batch (advantage whitening); None when this rank holds every row."""
 
     def __init__(self, cfg, ac):
         """``cfg``: this algorithm's section (``algorithm.<name>``); ``ac``: the whole ``algorithm`` config (k,

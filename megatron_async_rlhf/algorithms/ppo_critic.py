@@ -19,21 +19,30 @@ from megatron_async_rlhf.algorithms.ppo import PPO, ClipConfig
 from megatron_async_rlhf.errors import ConfigError
 
 
-def gae_advantages(micro_batches: list[dict], scores: torch.Tensor, kl_coef: float, gamma: float, lam: float) -> dict:
+def gae_advantages(micro_batches: list[dict], scores: torch.Tensor, kl_coef: float, gamma: float, lam: float,
+                   dp_sum=None) -> dict:
     """Per micro-batch: ``adv [b, s-1]`` (GAE, whitened over all completion tokens of the batch) and ``returns``
     (GAE + old values, not whitened), from ``scores [rows]`` (the sequence rewards, indexed by ``m["rows"]``),
-    ``sampler``, ``ref``, ``old_values`` and ``mask``. Returns metrics of the raw numbers."""
+    ``sampler``, ``ref``, ``old_values`` and ``mask``. Returns metrics of the raw numbers. ``dp_sum``: sums a tensor
+    over the data-parallel replicas that hold the batch's other rows (``Algorithm.dp_sum``): the whitening statistics
+    and metrics are then the whole batch's."""
     raw = []
     for m in micro_batches:
         r = token_rewards(scores[m["rows"]], m["sampler"], m["ref"], m["mask"], kl_coef)  # [b, s-1]
         adv, m["returns"] = gae(r, m["old_values"], m["mask"], gamma, lam)
         raw.append(adv)
     flat = torch.cat([a[m["mask"].bool()] for a, m in zip(raw, micro_batches)])  # every completion token
-    mean, std = flat.mean(), flat.std(unbiased=False)
+    returns = torch.cat([m["returns"][m["mask"].bool()] for m in micro_batches])
+    if dp_sum is None:
+        mean, std, returns_mean = flat.mean(), flat.std(unbiased=False), returns.mean()
+    else:  # two passes over all replicas' tokens: the mean, then the squared deviations from it
+        n, total, ret = dp_sum(torch.stack([flat.new_tensor(flat.numel()), flat.sum(), returns.sum()]).double())
+        mean = (total / n).to(flat.dtype)
+        std = (dp_sum(((flat - mean) ** 2).sum().double().view(1))[0] / n).sqrt().to(flat.dtype)
+        returns_mean = ret / n
     for a, m in zip(raw, micro_batches):
         m["adv"] = (a - mean) * torch.rsqrt(std ** 2 + 1e-8) * m["mask"]  # gae.whiten over the whole batch
-    returns = torch.cat([m["returns"][m["mask"].bool()] for m in micro_batches])
-    return {"advantage_raw_mean": float(mean), "advantage_raw_std": float(std), "returns_mean": float(returns.mean())}
+    return {"advantage_raw_mean": float(mean), "advantage_raw_std": float(std), "returns_mean": float(returns_mean)}
 
 
 @register_algorithm("ppo_critic")
@@ -65,7 +74,7 @@ class PPOCritic(PPO):
 
     def advantages(self, micro_batches: list[dict], rewards: torch.Tensor, order: list[int]) -> dict:
         c = self.cfg
-        return gae_advantages(micro_batches, rewards[order], c.kl_coef, c.gae_gamma, c.gae_lambda)
+        return gae_advantages(micro_batches, rewards[order], c.kl_coef, c.gae_gamma, c.gae_lambda, self.dp_sum)
 
     def value_loss(self, values: torch.Tensor, m: dict) -> tuple[torch.Tensor, dict]:
         loss, mm = value_loss(values, m["old_values"], m["returns"], m["mask"], self.cfg.value_clip)

@@ -2,7 +2,8 @@
 
 A second Megatron model with the policy's TP/PP layout and its own optimizer: the scalar-head model of
 ``learner/value_head.py``, initialised from the reward model (``reward.kind=reward_model``) or else from the policy's
-current weights (trunk; the head starts fresh). Per learner step, with ``learner/step.py``'s micro-batches: old
+current weights (trunk; the head starts fresh). Per learner step, with ``learner/step.py``'s micro-batches (this
+data-parallel replica's rows, like the policy's): old
 values (forward, :meth:`Critic.old_values`), then, after the policy's update, one step of the algorithm's value loss
 (:meth:`Critic.step`); the advantages in between are the algorithm's (``algorithms/ppo_critic.py``).
 
@@ -33,12 +34,18 @@ class Critic:
         for m, v in zip(micro_batches, outs):
             m["old_values"] = v * m["mask"]
 
-    def step(self, micro_batches: list[dict], value_loss) -> dict:
+    def step(self, micro_batches: list[dict], value_loss, scale: float = 1.0) -> dict:
         """One optimizer step of the algorithm's ``value_loss(values, micro_batch) -> (loss, metrics)``; micro-batches
-        keep the policy step's ``weight`` (token shares), so the loss is the batch's token mean whatever the split."""
+        keep the policy step's ``weight`` (token shares), so the loss is the batch's token mean whatever the split.
+        ``scale``: the policy step's factor on this data-parallel replica's loss (``learner/step.py``: its share of
+        all replicas' loss units x dp), so the value gradient too is the whole batch's. Metrics: this replica's."""
         from megatron_async_rlhf.learner.train import train_step
 
-        out = train_step(self.ddp, self.opt, micro_batches, value_loss, 0, head_fn=_values)
+        def loss_fn(values, m):
+            loss, mm = value_loss(values, m)
+            return loss * scale if scale != 1.0 else loss, mm
+
+        out = train_step(self.ddp, self.opt, micro_batches, loss_fn, 0, head_fn=_values)
         return {("critic_grad_norm" if k == "grad_norm" else k): v for k, v in out.items() if k != "update_ok"}
 
 

@@ -13,6 +13,15 @@ batch in one padded pass, whatever the split.
 ``rl_step`` takes ``algorithm.updates_per_batch`` optimizer steps on its mini-batch (PPO's ratio then against the
 log-probs before the first); an algorithm with a critic gets its value model's old values and value step from
 ``learner/critic.py``.
+
+Data parallelism: each learner DP replica trains its own share of every batch (:func:`replica_share`: a contiguous
+block of an RL mini-batch's prompts, all k samples of a prompt on one replica, so group baselines and DPO pairs are
+computed as on one replica; a block of an SFT batch's rows). Rows are picked, and rewards and advantages known, for
+the whole batch on every rank; the reference, policy and critic forwards run on the replica's rows only. The loss is
+normalised by the loss units of ALL replicas (all-reduced), and each replica's loss is scaled by ``dp`` because
+megatron-core's DDP averages gradients over the replicas: DP=n gives the DP=1 gradient. Logged metrics are reduced
+over the replicas the same way (unit-weighted means, sums), so a run's numbers do not depend on ``learner_dp``;
+with one replica nothing is reduced and the numbers are bit for bit those of a single-replica step.
 """
 
 from __future__ import annotations
@@ -90,6 +99,57 @@ def build_micro_batches(seqs: list[list[int]], starts: list[int], plan: list[lis
     return out
 
 
+def replica_share(n: int, dp: int, dp_rank: int) -> range:
+    """Which of ``n`` units (an RL mini-batch's prompts, an SFT batch's rows) data-parallel replica ``dp_rank`` of
+    ``dp`` trains: a contiguous block, block sizes differing by at most one. The schedule deals rows out with it and
+    the learner step picks its rows with it."""
+    if n < dp:
+        raise ValueError(f"a batch of {n} prompts/rows cannot give each of {dp} data-parallel replicas one; use at "
+                         f"least cluster.learner_dp={dp} per batch")
+    return range(n * dp_rank // dp, n * (dp_rank + 1) // dp)
+
+
+def data_parallel() -> tuple[int, int]:
+    """(replicas, this rank's replica) of the learner's data parallelism."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+
+def dp_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the data-parallel replicas (every rank of a replica holds its replica's numbers), in
+    float64, on ``values``' device; ``values`` itself with one replica."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return values
+    # NCCL reduces device tensors only; gloo CPU ones
+    t = values.detach().to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.to(values.device)
+
+
+def _global_metrics(out: dict, local: float, total: float, keep: tuple = ()) -> dict:
+    """Unit-weighted means over the replicas of ``out``'s per-replica means (``local`` of ``total`` loss units here);
+    ``keep``: keys that are already global (grad norms)."""
+    keys = [k for k in sorted(out) if k not in keep and isinstance(out[k], float)]
+    if not keys:
+        return out
+    sums = dp_sum(torch.tensor([out[k] * local for k in keys], dtype=torch.float64)).tolist()
+    return {**out, **{k: v / total if total else v for k, v in zip(keys, sums)}}
+
+
+def _loss_scale(units: list[float]) -> tuple[float, float, float]:
+    """(this replica's loss units, all replicas', the factor on this replica's unit-weighted loss): ``dp x local /
+    total`` because megatron-core's DDP averages the replicas' gradients; 1 with one replica."""
+    dp, _ = data_parallel()
+    local = sum(units)
+    if dp == 1:
+        return local, local, 1.0
+    total = float(dp_sum(torch.tensor([local], dtype=torch.float64))[0])
+    return local, total, dp * local / total if total else 1.0
+
+
 def _weigh(micro_batches: list[dict], units: list[float]) -> None:
     """``weight`` = the micro-batch's share of the batch's loss units (train_step scales its loss by it)."""
     total = sum(units)
@@ -99,17 +159,32 @@ def _weigh(micro_batches: list[dict], units: list[float]) -> None:
 
 def sft_step(ddp, opt, prompts: list[list[int]], answers: list[list[int]], vocab_size: int, micro: int,
              max_tokens: int = 0) -> dict:
-    """Supervised step: mean NLL of the answer tokens given the prompt (over all answer tokens of the batch)."""
+    """Supervised step on this data-parallel replica's rows: mean NLL of the answer tokens given the prompt, over
+    all answer tokens of all replicas' rows. Loss and pad fraction are those of the whole batch, on every rank."""
     seqs = [p + a for p, a in zip(prompts, answers)]
     mbs = build_micro_batches(seqs, [len(p) for p in prompts], plan_micro_batches([len(s) for s in seqs], 1, micro,
                                                                                max_tokens))
-    _weigh(mbs, [float(m["mask"].sum()) for m in mbs])
+    units = [float(m["mask"].sum()) for m in mbs]
+    _weigh(mbs, units)
+    local, total, scale = _loss_scale(units)
 
     def loss_fn(lp, b):
         loss = -(lp * b["mask"]).sum() / b["mask"].sum().clamp(min=1)
-        return loss, {"loss": loss.detach()}
+        return loss * scale if scale != 1.0 else loss, {"loss": loss.detach()}
 
-    return {**train_step(ddp, opt, mbs, loss_fn, vocab_size), "pad_fraction": pad_fraction(mbs)}
+    out = {**train_step(ddp, opt, mbs, loss_fn, vocab_size), "pad_fraction": pad_fraction(mbs)}
+    if data_parallel()[0] > 1:
+        out = _global_metrics(out, local, total, keep=("grad_norm", "pad_fraction"))
+        out["pad_fraction"] = _global_pad_fraction(mbs)[0]
+    return out
+
+
+def _global_pad_fraction(micro_batches: list[dict]) -> tuple[float, int]:
+    """(pad fraction, micro-batches) over all data-parallel replicas."""
+    real = sum(int(m["length"].sum()) for m in micro_batches)
+    total = sum(m["tokens"].numel() for m in micro_batches)
+    real, total, n = dp_sum(torch.tensor([real, total, len(micro_batches)], dtype=torch.float64)).tolist()
+    return 1.0 - real / total, int(n)
 
 
 def reference_logprobs(ref_model, micro_batches: list[dict], vocab_size: int, temperature: float,
@@ -135,16 +210,28 @@ def rl_step(batch, rewards: torch.Tensor, ac, ddp, opt, ref_model, vocab_size: i
     """``ac.updates_per_batch`` RL updates on ``batch.samples`` (prompt-major, k per prompt) with scalar
     ``rewards [N]``, by the algorithm ``ac.name`` (``algorithms/``: its rows, advantages, loss units and loss;
     ``ac`` is the ``algorithm`` config). ``max_tokens``: the micro-batch token budget (0: ``ac.micro_batch`` rows per
-    micro-batch). ``critic``: the value model (``learner/critic.py``) of an algorithm that uses one."""
+    micro-batch). ``critic``: the value model (``learner/critic.py``) of an algorithm that uses one.
+
+    Each data-parallel replica trains the rows of its prompts (:func:`replica_share`); ``batch.samples`` needs to
+    hold only those (the others may be None), ``rewards`` every sample's. Metrics are the whole batch's."""
     algo = build_algorithm(ac)
+    k = ac.samples_per_prompt
     samples = batch.samples
+    dp, dp_rank = data_parallel()
+    mine = replica_share(rewards.numel() // k, dp, dp_rank)  # this replica's prompts
     if ac.lr_schedule == "linear":  # batch.index: the optimizer step this mini-batch is trained at
         set_lr(opt, ac.lr, "linear", batch.index, ac.steps)
     metrics: dict = {"reward_mean": rewards.mean().item()}
-    order, m_rows = algo.rows(rewards.view(-1, ac.samples_per_prompt))  # row j of the batch is samples[order[j]]
+    order, m_rows = algo.rows(rewards.view(-1, k))  # row j of the batch is samples[order[j]]
     metrics.update(m_rows)
     if not order:
         return {**metrics, "skipped": 1.0}  # e.g. every prompt tied: no preference to learn from
+    n_rows = len(order)
+    order = [i for i in order if i // k in mine]  # whole prompts: a unit (a DPO pair) never straddles replicas
+    live = bool(order)
+    if not live:  # every row of this replica's prompts dropped (all tied): a stand-in with an empty loss mask joins
+        # the step's collectives and adds nothing (no gradient, no loss units, no statistics)
+        order = list(range(mine.start * k, mine.start * k + k - k % algo.rows_per_unit))
     picked = [samples[i] for i in order]
     seqs = [s.prompt_ids + s.token_ids for s in picked]
     starts = [len(s.prompt_ids) for s in picked]
@@ -155,28 +242,37 @@ def rl_step(batch, rewards: torch.Tensor, ac, ddp, opt, ref_model, vocab_size: i
         for j, i in enumerate(m["rows"].tolist()):
             lp = picked[i].logprobs
             m["sampler"][j, starts[i] - 1: starts[i] - 1 + len(lp)] = torch.tensor(lp)
+        if not live:
+            m["mask"].zero_()
     reference_logprobs(ref_model, mbs, vocab_size, ac.temperature)
     if algo.needs_old_logprobs():
         policy_logprobs(ddp, mbs, vocab_size, ac.temperature)
     if critic is not None:
         critic.old_values(mbs)
+    algo.dp_sum = dp_sum if dp > 1 else None  # batch-wide statistics (advantage whitening) over all replicas
     if "ref" in mbs[0]:  # the last pipeline stage: advantages need every row's numbers
         metrics.update(algo.advantages(mbs, rewards, order))
         # KL(sampler || reference) per sequence, estimated on the sampled tokens: how far the policy has moved
-        metrics["kl_ref"] = sum(float(((m["sampler"] - m["ref"]) * m["mask"]).sum()) for m in mbs) / len(order)
-    _weigh(mbs, [algo.units(m) for m in mbs])
+        metrics["kl_ref"] = sum(float(((m["sampler"] - m["ref"]) * m["mask"]).sum()) for m in mbs) / n_rows
+    units = [algo.units(m) if live else 0.0 for m in mbs]
+    _weigh(mbs, units)
+    local, total, scale = _loss_scale(units)
 
     def loss_fn(lp, b):
         loss, mm = algo.loss(lp * b["mask"], b)
-        return loss, {**mm, "loss": loss.detach()}
+        return loss * scale if scale != 1.0 else loss, {**mm, "loss": loss.detach()}
 
     for _ in range(ac.updates_per_batch):
         out = train_step(ddp, opt, mbs, loss_fn, vocab_size, ac.temperature)
         if critic is not None:
-            out.update(critic.step(mbs, algo.value_loss))
+            out.update(critic.step(mbs, algo.value_loss, scale))
     metrics = from_last_stage(metrics)
+    extra = {"pad_fraction": pad_fraction(mbs), "micro_batches": len(mbs)}
+    if dp > 1:
+        out = _global_metrics(out, local, total, keep=("grad_norm", "critic_grad_norm"))
+        metrics["kl_ref"] = float(dp_sum(torch.tensor([metrics["kl_ref"]], dtype=torch.float64))[0])
+        extra["pad_fraction"], extra["micro_batches"] = _global_pad_fraction(mbs)
     if "loss" in out and not math.isfinite(out["loss"]) or not math.isfinite(out.get("grad_norm", 0.0)):
         raise NonFiniteLoss(f"non-finite loss/grad norm at this step ({out}); stopping. The last exported policy on "
                             "disk is the last good state.")
-    return {**metrics, **out, "pad_fraction": pad_fraction(mbs), "micro_batches": len(mbs),
-            "optimizer_steps": ac.updates_per_batch}
+    return {**metrics, **out, **extra, "optimizer_steps": ac.updates_per_batch}

@@ -37,13 +37,17 @@ def job(cfg_dict: dict, model_path: str, session: str = "sft", world_size: int |
 
 def warm_start(cfg: RunConfig, data: PromptData, policy: Policy, metrics) -> None:
     """``sft.steps`` supervised steps on batches of training rows drawn with ``data.rng``: the prompt, then the gold
-    answer and the model's first stop token as the target."""
-    from megatron_async_rlhf.learner.step import sft_step
+    answer and the model's first stop token as the target. Every rank draws the same ``sft.batch_size`` rows; each
+    data-parallel replica trains its share of them (``learner.step.replica_share``), the loss normalised over the
+    whole batch."""
+    from megatron_async_rlhf.learner.step import data_parallel, replica_share, sft_step
 
     sc, tok = cfg.sft, data.tok
     eos = data.stops[0] if data.stops else tok.eos_token_id
+    dp, dp_rank = data_parallel()
+    mine = replica_share(sc.batch_size, dp, dp_rank) if sc.steps else None
     for step in range(sc.steps):
-        idx = [data.rng.randrange(len(data.train_rows)) for _ in range(sc.batch_size)]
+        idx = [data.rng.randrange(len(data.train_rows)) for _ in range(sc.batch_size)][mine.start:mine.stop]
         answers = [tok(" " + data.train_rows[i].answer, add_special_tokens=False)["input_ids"] + [eos] for i in idx]
         out = sft_step(policy.ddp, policy.opt, [data.train_ids[i] for i in idx], answers, policy.mcfg.vocab_size,
                        sc.batch_size, cfg.learner.max_tokens_per_micro_batch)

@@ -31,9 +31,11 @@ paper's asynchronous RLHF); weights are pushed after the collect and before the 
 change weights mid-generation. ``max_staleness = 0`` is the synchronous baseline through the same code: round ``r+1``
 is requested only after round ``r``'s steps and a sync. M=1 is the plain schedule (a round is one step).
 
-Runs on every learner rank (all take part in weight syncs); only the controller talks to the engines, and each batch
-is broadcast to the learner pool after it arrives. The loop (``modes/rl.py``) drives it: ``for mb in schedule.run()``
-trains each mini-batch handed out before asking for the next item, so every request, collect and weight push below
+Runs on every learner rank (all take part in weight syncs); only the controller talks to the engines. When a round
+arrives the controller keeps all of it (it scores it) and sends every other learner rank only what its data-parallel
+replica trains: that replica's share of each mini-batch's prompts (``learner.step.replica_share``), with None in place
+of the other replicas' samples, so a sample's position in a (mini-)batch is the same on every rank. The loop
+(``modes/rl.py``) drives it: ``for mb in schedule.run()`` trains each mini-batch handed out before asking for the next item, so every request, collect and weight push below
 happens between two of the loop's steps, where the invariant is checked (``StalenessError``). After every push, before
 the next request, it yields ``ENGINES_IDLE`` (``schedules/__init__.py``): the engines hold the learner's weights and
 nothing is in flight, the moment for mid-run evaluation.
@@ -84,6 +86,7 @@ class Rounds:
         self._in_flight: tuple[int, list, float, int] | None = None
         self._ready: Batch | None = None  # a round collected ahead of its turn (by a checkpoint)
         self._sync_stats: dict = {}  # the last push's numbers, for the next mini-batch's metrics row
+        self._replica_of_rank: list[int] | None = None  # learner rank -> its data-parallel replica
         if resume is not None:
             state, self._ready = resume
             self.version = state["version"]
@@ -106,9 +109,40 @@ class Rounds:
             return batch
         i, meta, t0, at_version = self._in_flight
         self._in_flight = None
-        box = [self.client.collect() if self.client.ctx.is_controller else None]
-        dist.broadcast_object_list(box, src=0)  # every learner rank gets the samples
-        return Batch(i, box[0], meta, time.perf_counter() - t0, at_version)
+        samples = self._deal(self.client.collect() if self.client.ctx.is_controller else None, len(meta))
+        return Batch(i, samples, meta, time.perf_counter() - t0, at_version)
+
+    def _deal(self, samples: list | None, prompts: int) -> list:
+        """The round's samples (the controller's, prompt-major, k per prompt) as this learner rank holds them: all on
+        the controller; elsewhere its data-parallel replica's share of each mini-batch, None in the other places."""
+        controller = self.client.ctx.is_controller
+        if controller and [s.prompt_index for s in samples] != [p for p in range(prompts)
+                                                                 for _ in range(len(samples) // prompts)]:
+            raise RuntimeError(f"round of {len(samples)} samples is not prompt-major with as many samples for each of "
+                               f"its {prompts} prompts")
+        if dist.get_world_size() == 1:
+            return samples
+        from megatron.core import parallel_state as ps
+
+        dp = ps.get_data_parallel_world_size()
+        if dp == 1:  # every learner rank trains every row
+            box = [samples]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        if self._replica_of_rank is None:  # once: which data-parallel replica each learner rank belongs to
+            self._replica_of_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(self._replica_of_rank, ps.get_data_parallel_rank())
+        shares = None
+        if controller:
+            from megatron_async_rlhf.learner.step import replica_share
+
+            per = prompts // self.m  # prompts per mini-batch
+            owner = [d for d in range(dp) for _ in replica_share(per, dp, d)] * self.m  # per prompt of the round
+            shares = [None] + [[s if owner[s.prompt_index] == d else None for s in samples]
+                               for d in self._replica_of_rank[1:]]
+        out = [None]
+        dist.scatter_object_list(out, shares, src=0)
+        return samples if controller else out[0]
 
     def _sync(self) -> Iterator[str]:
         p = self.policy
@@ -131,20 +165,22 @@ class Rounds:
 
     # ----- the loop ----------------------------------------------------------------------------------------------
     def _minibatches(self, batch: Batch) -> list[Batch]:
-        """The round split prompt-wise into M mini-batches of equal prompt counts (samples keep their order)."""
+        """The round split prompt-wise into M mini-batches of equal prompt counts (samples keep their order; by
+        position, as other replicas' samples are None on this rank)."""
         per = len(batch.meta) // self.m
         if per * self.m != len(batch.meta):
             raise ValueError(f"round of {len(batch.meta)} prompts does not split into {self.m} mini-batches")
-        return [Batch(batch.index * self.m + j, [s for s in batch.samples if j * per <= s.prompt_index < (j + 1) * per],
-                      batch.meta, batch.gen_seconds, batch.requested_at_version, j, j == self.m - 1)
-                for j in range(self.m)]
+        n = len(batch.samples) // self.m  # samples per mini-batch: per prompts x k
+        return [Batch(batch.index * self.m + j, batch.samples[j * n:(j + 1) * n], batch.meta, batch.gen_seconds,
+                      batch.requested_at_version, j, j == self.m - 1) for j in range(self.m)]
 
     def _round_staleness(self, batch: Batch, i: int) -> int:
         """Round ``i``'s staleness in rounds; a round out of turn, older than allowed or from mixed policies is
         refused."""
-        lag = self.version - min(batch.versions)  # updates, a whole number of rounds
-        if batch.index != i or lag % self.m or lag // self.m > self.n or len(batch.versions) != 1:
-            raise StalenessError(f"round {batch.index} at round {i}: sample versions {batch.versions}, learner "
+        versions = sorted({s.version for s in batch.samples if s is not None})  # this rank's samples
+        lag = self.version - min(versions)  # updates, a whole number of rounds
+        if batch.index != i or lag % self.m or lag // self.m > self.n or len(versions) != 1:
+            raise StalenessError(f"round {batch.index} at round {i}: sample versions {versions}, learner "
                                  f"version {self.version}, lag {lag} updates ({self.m} per round) > max_staleness "
                                  f"{self.n} rounds, or not from one policy")
         return lag // self.m
@@ -152,7 +188,7 @@ class Rounds:
     def _hand_out(self, mb: Batch, rnd: Batch, staleness: int) -> Batch:
         """Count ``mb`` (a mini-batch of round ``rnd``) as trained at the current version (the loop trains it before
         asking for more) and attach what its metrics row reports."""
-        generated_by = rnd.versions[0]
+        generated_by = min(s.version for s in rnd.samples if s is not None)
         off = self.version - generated_by
         if off != staleness * self.m + mb.minibatch:  # the exact-N invariant
             raise StalenessError(f"mini-batch {mb.minibatch} of round {mb.index // self.m} is {off} updates "
