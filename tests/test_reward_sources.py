@@ -141,10 +141,10 @@ def test_preflight_refuses_before_launch(tiny_models, tmp_path, capsys):
 
 @pytest.mark.multiproc
 def test_a_nan_reward_stops_the_main_job_before_any_update(tiny_models, tmp_path):
-    """The whole run (``python -m megatron_async_rlhf``), reward model scored on the rollout side, every training
-    prompt scoring NaN (the reward model's embedding of ``z`` is NaN; eval prompts have none): the run exits non-zero
-    at RL step 1 naming the source, the step and a prompt, with no RL row logged and no policy exported (it used to
-    skip every step and exit 0)."""
+    """The whole run (``python -m megatron_async_rlhf``), 2 learner ranks, reward model scored on the rollout side,
+    every training prompt scoring NaN (the reward model's embedding of ``z`` is NaN; eval prompts have none): both
+    learner ranks stop at RL step 1 (none waits for a collective), the run exits non-zero naming the source, the step
+    and a prompt, with no RL row logged and no policy exported (it used to skip every step and exit 0)."""
     import os
     import subprocess
     import sys
@@ -162,12 +162,13 @@ def test_a_nan_reward_stops_the_main_job_before_any_update(tiny_models, tmp_path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"model.path={hf}", f"data.source={tmp_path}/data",
                         "data.train_size=16", "data.eval_size=4", "sft.steps=0", "algorithm.steps=3",
-                        "algorithm.prompts_per_step=4", "reward.kind=reward_model",
+                        "algorithm.prompts_per_step=4", "cluster.learner_dp=2", "reward.kind=reward_model",
                         f"reward.reward_model_path={rm_dir}", "reward.placement=rollout", f"logging.out_dir={out}",
                         "logging.wandb_mode=disabled"], capture_output=True, text=True, timeout=600, cwd=root)
     assert r.returncode != 0, r.stderr[-3000:]
     assert "NonFiniteReward: reward.kind=reward_model returned nan for 16 of 16 samples at RL step 1; the first is a " \
            "completion of prompt index" in r.stderr, r.stderr[-3000:]
     assert "('Q: z+" in r.stderr
+    assert "[rank 1] megatron_async_rlhf: learner failed" in r.stderr  # the second learner rank raised it too
     phases = [json.loads(x)["phase"] for x in open(out / "metrics.jsonl")]
     assert phases == ["eval"] and not (out / "policy").exists()

@@ -16,7 +16,8 @@ Penalties that depend on how a sample ended (``reward.missing_eos_penalty``) are
 cases (they are arithmetic on the finish reason), so ``Sample.reward`` is always the raw score.
 
 The scorer is built only where rewards are computed: with ``rollout`` or ``dedicated`` the learner holds none
-(:func:`controller_scorer`), and its evaluations are scored there too (the rows travel with the eval prompts).
+(:func:`controller_scorer`), and its evaluations are scored there too (the rows travel with the eval prompts; an
+evaluation's reference answers are sent there as texts, :func:`score_texts_remotely`).
 Every reward is checked where it arrives on the learner: a NaN or infinite one stops the run
 (:class:`NonFiniteReward`, naming the source, the step and the prompt) before any update or evaluation uses it.
 """
@@ -31,8 +32,8 @@ PLACEMENTS = ("controller", "rollout", "dedicated")
 
 
 SCORERS: dict[tuple, object] = {}
-"""This process's reward sources by what decides them: a rank that scores in two ways (an engine's generations and
-:func:`serve_text_scores`) loads its reward model once."""
+"""This process's reward sources by what decides them: an engine that scores in two ways (its generations, and texts
+sent to it: :func:`text_scores_handler`) loads its reward model once."""
 
 
 def shared_scorer(rc):
