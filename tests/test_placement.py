@@ -142,7 +142,7 @@ def _reward_model_off_the_learner_job(session, hf_dir, world_size, rm_dir, place
         evals = Evaluations(cfg, data, reward_fn, metrics, True)
         before = evals.run(client, 0)
         gc.collect()
-        held = sum(isinstance(o, RewardModelScorer) for o in gc.get_objects())  # reward models in this process
+        held = sum(type(o) is RewardModelScorer for o in gc.get_objects())  # reward models in this process
         judge_is_run_reward = evals.evaluator().judge is RUN_REWARD
         written = [json.loads(x) for x in open(before["file"])]
         # eval.win_rate_against=answers: the reference answers are scored on the rollout side too
@@ -152,7 +152,7 @@ def _reward_model_off_the_learner_job(session, hf_dir, world_size, rm_dir, place
         against = Evaluations(cfg_answers, data, reward_fn, metrics, True)
         against.run(client, 0)
         gc.collect()
-        held += sum(isinstance(o, RewardModelScorer) for o in gc.get_objects())
+        held += sum(type(o) is RewardModelScorer for o in gc.get_objects())
 
         sampling = SamplingSettings(max_new_tokens=6, n=2, stop_token_ids=(), seed=3)
         rows = clean + [poisoned]

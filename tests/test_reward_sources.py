@@ -172,3 +172,29 @@ def test_a_nan_reward_stops_the_main_job_before_any_update(tiny_models, tmp_path
     assert "[rank 1] megatron_async_rlhf: learner failed" in r.stderr  # the second learner rank raised it too
     phases = [json.loads(x)["phase"] for x in open(out / "metrics.jsonl")]
     assert phases == ["eval"] and not (out / "policy").exists()
+
+
+def test_eval_judge_reward_model_reuses_the_controllers_scorer(tiny_models, tmp_path):
+    """reward.placement=controller: eval.judge=reward_model judges with the very scorer the run rewards with (one
+    reward model in the process), including the reference answers; no second copy is loaded."""
+    import gc
+
+    from transformers import AutoTokenizer
+
+    from megatron_async_rlhf.config import run_config_from_dict
+    from megatron_async_rlhf.evaluation import eval_judge
+    from megatron_async_rlhf.rewards import placement
+    from megatron_async_rlhf.rewards.reward_model import RewardModelScorer
+
+    rm_dir = _reward_model(tiny_models, tmp_path / "rm")
+    cfg = run_config_from_dict({"reward": {"kind": "reward_model", "reward_model_path": rm_dir},
+                                "eval": {"judge": "reward_model", "win_rate_against": "answers"}}).validate()
+    placement.SCORERS.clear()
+    try:
+        fn = placement.controller_scorer(cfg.reward, AutoTokenizer.from_pretrained(tiny_models["tiny-gqa"]))
+        judge = eval_judge(cfg, fn)
+        gc.collect()
+        assert sum(type(o) is RewardModelScorer for o in gc.get_objects()) == 1
+        assert judge(PROMPTS, COMPLETIONS) == fn.text.score(PROMPTS, COMPLETIONS).tolist()
+    finally:
+        placement.SCORERS.clear()
