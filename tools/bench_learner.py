@@ -12,6 +12,13 @@ it builds the issue's reference shape: LLaMA hidden 512, intermediate 1376, 6 la
 the three variants interleaved step by step.
 The last line is ``step_s_fp32=... step_s_bf16=... speedup_bf16=... hf_step_s_fp32=... ratio_vs_hf=...``
 (``ratio_vs_hf`` = Megatron fp32 step / transformers fp32 step).
+
+Data parallelism: ``--dp 1,2`` instead times the Megatron fp32 step (``--algorithm``) on the same global batch with
+``learner_dp`` = 1 and 2 learner processes (one core each, pinned to the allowed cores in turn), each replica training
+its share (``learner.step.replica_share``), the settings interleaved step by step. The last line is
+``dp1_step_s=... dp2_step_s=... ratio_dp2_dp1=...``.
+
+    python tools/bench_learner.py --dp 1,2 --algorithm rloo --batch 32
 """
 
 import os
@@ -56,6 +63,67 @@ def megatron_step(hf_dir: str, dtype: torch.dtype, batch, rewards, ac):
     ref.load_state_dict(model.state_dict())
     ref.requires_grad_(False)
     return lambda: rl_step(batch, rewards, ac, ddp, opt, ref, cfg.vocab_size)
+
+
+_DP_STEP = None  # a data-parallel worker's step (``--dp``), built by _dp_setup
+
+
+def _dp_setup(hf_dir: str, args: dict) -> int:
+    """In a ``--dp`` worker (one of ``dp`` learner processes): pin to a core, build the learner at TP1 x PP1 (so DP =
+    the processes), keep the step. Returns the core."""
+    global _DP_STEP
+    import torch.distributed as dist
+
+    from megatron_async_rlhf.config import AlgorithmConfig
+    from megatron_async_rlhf.learner.parallel import init_learner_parallel
+    from megatron_async_rlhf.weights.llama_config import read_config
+
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[dist.get_rank() % len(cores)]
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    init_learner_parallel(1, 1)
+    cfg = read_config(hf_dir)
+    ac = AlgorithmConfig(name=args["algorithm"], samples_per_prompt=args["samples"], micro_batch=args["micro_batch"],
+                         lr=1e-5)
+    batch, rewards = make_rows(cfg.vocab_size, args["batch"], args["samples"], args["prompt_len"],
+                               args["completion_len"])
+    _DP_STEP = megatron_step(hf_dir, torch.float32, batch, rewards, ac)
+    return core
+
+
+def _dp_step() -> float:
+    """One step on this worker's replica; its seconds."""
+    t0 = time.perf_counter()
+    _DP_STEP()
+    return time.perf_counter() - t0
+
+
+def bench_dp(hf_dir: str, dps: list[int], args) -> None:
+    """Step time at each learner data-parallel size in ``dps`` on the same global batch (see the module doc)."""
+    from megatron_async_rlhf.launch import WorkerGroup
+
+    settings = {k: getattr(args, k) for k in ("algorithm", "batch", "samples", "micro_batch", "prompt_len",
+                                              "completion_len")}
+    groups = {dp: WorkerGroup(dp, threads_per_rank=1, timeout_s=1800) for dp in dps}
+    try:
+        for dp, g in groups.items():
+            print(f"dp{dp}: cores {g.run(_dp_setup, hf_dir, settings)}", flush=True)
+        for _ in range(args.warmup):
+            for g in groups.values():
+                g.run(_dp_step)
+        times: dict[int, list[float]] = {dp: [] for dp in dps}
+        for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every setting alike
+            for dp, g in groups.items():
+                times[dp].append(max(g.run(_dp_step)))  # a step ends when its slowest replica does
+    finally:
+        for g in groups.values():
+            g.close()
+    res = {dp: statistics.median(v) for dp, v in times.items()}
+    for dp, v in times.items():
+        print(f"dp{dp} step s: median {res[dp]:.3f} ({', '.join(f'{t:.3f}' for t in v)})", flush=True)
+    line = " ".join(f"dp{dp}_step_s={res[dp]:.3f}" for dp in dps)
+    print(line + "".join(f" ratio_dp{dp}_dp{dps[0]}={res[dp] / res[dps[0]]:.2f}" for dp in dps[1:]))
 
 
 def hf_step(hf_dir: str, batch, ac):
@@ -105,11 +173,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--core", type=int, default=None, help="CPU core to pin to (default: the first allowed one)")
+    ap.add_argument("--dp", default="", help="comma-separated learner data-parallel sizes to compare (e.g. 1,2), one "
+                                             "process and core per replica; the global batch stays --batch prompts")
+    ap.add_argument("--algorithm", default="online_dpo", help="the step's algorithm (with --dp)")
     args = ap.parse_args()
 
-    core = args.core if args.core is not None else min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})
-    torch.set_num_threads(1)
     hf_dir = args.hf
     if hf_dir is None:
         from megatron_async_rlhf.models.tiny import make_tiny_llama
@@ -117,6 +185,11 @@ def main() -> None:
         hf_dir = os.path.join(args.work, "reference-shape")
         if not os.path.exists(os.path.join(hf_dir, "config.json")):
             make_tiny_llama(hf_dir, "tiny-gqa", **REFERENCE_SHAPE)
+    if args.dp:
+        return bench_dp(hf_dir, [int(d) for d in args.dp.split(",")], args)
+    core = args.core if args.core is not None else min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
 
     import torch.distributed as dist
 
