@@ -39,7 +39,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # (the layout, timeouts, logging, evaluation cadence, checkpointing, algorithm.steps) may change.
 FIXED = ("mode", "seed", "model", "data", "sft", "algorithm", "reward", "rollout.seed", "rollout.dtype",
          "learner.precision", "learner.distributed_optimizer")
-MAY_CHANGE = ("algorithm.steps", "algorithm.micro_batch")
+MAY_CHANGE = ("algorithm.steps", "algorithm.micro_batch", "reward.policy_format")  # policy_format: derived from data.*
 
 
 def checkpoints_dir(out_dir: str) -> str:

@@ -53,7 +53,8 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None, handlers: 
     """Run until the controller says shutdown; returns this engine's counters. ``reward``: the run's
     ``RewardConfig`` when rewards are computed here (``reward.placement=rollout``): every generation request that
     carries its rows is scored right after it is generated (``rewards/placement.py``). ``handlers``: commands beyond
-    the production protocol (generate, score, sync, shutdown), by name; only tools pass them."""
+    the core protocol (generate, score, sync, shutdown), by name: a mode's own commands (``modes/rl``: ``score_texts``)
+    or a tool's (``tools/bench_weight_sync.py``)."""
     handlers = handlers or {}
     clash = sorted(set(handlers) & {"shutdown", "generate", "score", "sync"})
     if clash:
