@@ -66,11 +66,24 @@ def _swiglu_mlp():
 
 
 def local_layer_spec():
-    """megatron-core's local GPT layer spec (RMSNorm) with :class:`SwiGLU`'s MLP."""
+    """megatron-core's local GPT layer spec (RMSNorm) with :class:`SwiGLU`'s MLP.
+
+    The MLP slot changed form across megatron-core releases: a ``ModuleSpec(module=MLP, submodules=...)`` in 0.16, a
+    builder ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` in 0.19 (TransformerLayer calls it; a
+    ModuleSpec of another class is no longer built). Either form gets the SwiGLU subclass in MLP's place; an unknown
+    form keeps megatron-core's own MLP (the same numbers, a little slower on the CPU)."""
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    mlp = dataclasses.replace(spec.submodules.mlp, module=_swiglu_mlp())
+    mlp = spec.submodules.mlp
+    if isinstance(mlp, functools.partial) and getattr(mlp.func, "__name__", "") == "as_mlp_submodule":
+        mlp = functools.partial(_swiglu_mlp().as_mlp_submodule, *mlp.args, **mlp.keywords)
+    elif dataclasses.is_dataclass(mlp) and hasattr(mlp, "module"):
+        mlp = dataclasses.replace(mlp, module=_swiglu_mlp())
+    else:
+        logging.getLogger(__name__).warning("megatron-core's MLP spec has an unknown form (%r): keeping its own MLP",
+                                            type(mlp).__name__)
+        return spec
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
