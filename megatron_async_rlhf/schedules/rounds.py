@@ -35,10 +35,11 @@ Runs on every learner rank (all take part in weight syncs); only the controller 
 arrives the controller keeps all of it (it scores it) and sends every other learner rank only what its data-parallel
 replica trains: that replica's share of each mini-batch's prompts (``learner.step.replica_share``), with None in place
 of the other replicas' samples, so a sample's position in a (mini-)batch is the same on every rank. The loop
-(``modes/rl.py``) drives it: ``for mb in schedule.run()`` trains each mini-batch handed out before asking for the next item, so every request, collect and weight push below
-happens between two of the loop's steps, where the invariant is checked (``StalenessError``). After every push, before
-the next request, it yields ``ENGINES_IDLE`` (``schedules/__init__.py``): the engines hold the learner's weights and
-nothing is in flight, the moment for mid-run evaluation.
+(``modes/rl.py``) drives it: ``for mb in schedule.run()`` trains each mini-batch handed out before asking for the next
+item, so every request, collect and weight push below happens between two of the loop's steps, where the invariant is
+checked (``StalenessError``). After every push, before the next request, it yields ``ENGINES_IDLE``
+(``schedules/__init__.py``): the engines hold the learner's weights and nothing is in flight, the moment for mid-run
+evaluation.
 
 Resume (``run_state.py``): checkpoints fall between rounds. One taken after round ``r`` holds the learner at version
 ``(r+1)*M``, never the older weights that generated the round in flight. So that round is saved with the checkpoint
