@@ -129,14 +129,20 @@ def dp_sum(values: torch.Tensor) -> torch.Tensor:
     return t.to(values.device)
 
 
-def _global_metrics(out: dict, local: float, total: float, keep: tuple = ()) -> dict:
-    """Unit-weighted means over the replicas of ``out``'s per-replica means (``local`` of ``total`` loss units here);
-    ``keep``: keys that are already global (grad norms)."""
+def _global_metrics(out: dict, local: float, total: float, micro_batches: list[dict], keep: tuple = (),
+                    sums: dict | None = None) -> dict:
+    """``out`` over all data-parallel replicas, in one all-reduce: its per-replica means as unit-weighted means
+    (``local`` of ``total`` loss units here), ``keep``: keys already global (grad norms), ``sums``: numbers summed
+    over the replicas, and ``pad_fraction`` / ``micro_batches`` of all replicas' micro-batches."""
+    sums = sums or {}
     keys = [k for k in sorted(out) if k not in keep and isinstance(out[k], float)]
-    if not keys:
-        return out
-    sums = dp_sum(torch.tensor([out[k] * local for k in keys], dtype=torch.float64)).tolist()
-    return {**out, **{k: v / total if total else v for k, v in zip(keys, sums)}}
+    real = sum(int(m["length"].sum()) for m in micro_batches)
+    tokens = sum(m["tokens"].numel() for m in micro_batches)
+    values = [out[k] * local for k in keys] + list(sums.values()) + [real, tokens, len(micro_batches)]
+    reduced = dp_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+    means, summed, (real, tokens, n) = reduced[:len(keys)], reduced[len(keys):-3], reduced[-3:]
+    return {**out, **{k: v / total if total else v for k, v in zip(keys, means)}, **dict(zip(sums, summed)),
+            "pad_fraction": 1.0 - real / tokens, "micro_batches": int(n)}
 
 
 def _loss_scale(units: list[float]) -> tuple[float, float, float]:
@@ -172,19 +178,12 @@ def sft_step(ddp, opt, prompts: list[list[int]], answers: list[list[int]], vocab
         loss = -(lp * b["mask"]).sum() / b["mask"].sum().clamp(min=1)
         return loss * scale if scale != 1.0 else loss, {"loss": loss.detach()}
 
-    out = {**train_step(ddp, opt, mbs, loss_fn, vocab_size), "pad_fraction": pad_fraction(mbs)}
+    out = train_step(ddp, opt, mbs, loss_fn, vocab_size)
     if data_parallel()[0] > 1:
-        out = _global_metrics(out, local, total, keep=("grad_norm", "pad_fraction"))
-        out["pad_fraction"] = _global_pad_fraction(mbs)[0]
-    return out
-
-
-def _global_pad_fraction(micro_batches: list[dict]) -> tuple[float, int]:
-    """(pad fraction, micro-batches) over all data-parallel replicas."""
-    real = sum(int(m["length"].sum()) for m in micro_batches)
-    total = sum(m["tokens"].numel() for m in micro_batches)
-    real, total, n = dp_sum(torch.tensor([real, total, len(micro_batches)], dtype=torch.float64)).tolist()
-    return 1.0 - real / total, int(n)
+        out = _global_metrics(out, local, total, mbs, keep=("grad_norm",))
+        del out["micro_batches"]
+        return out
+    return {**out, "pad_fraction": pad_fraction(mbs)}
 
 
 def reference_logprobs(ref_model, micro_batches: list[dict], vocab_size: int, temperature: float,
@@ -267,12 +266,12 @@ def rl_step(batch, rewards: torch.Tensor, ac, ddp, opt, ref_model, vocab_size: i
         if critic is not None:
             out.update(critic.step(mbs, algo.value_loss, scale))
     metrics = from_last_stage(metrics)
-    extra = {"pad_fraction": pad_fraction(mbs), "micro_batches": len(mbs)}
     if dp > 1:
-        out = _global_metrics(out, local, total, keep=("grad_norm", "critic_grad_norm"))
-        metrics["kl_ref"] = float(dp_sum(torch.tensor([metrics["kl_ref"]], dtype=torch.float64))[0])
-        extra["pad_fraction"], extra["micro_batches"] = _global_pad_fraction(mbs)
+        out = _global_metrics(out, local, total, mbs, keep=("grad_norm", "critic_grad_norm"),
+                              sums={"kl_ref": metrics.pop("kl_ref")})
+    else:
+        out.update(pad_fraction=pad_fraction(mbs), micro_batches=len(mbs))
     if "loss" in out and not math.isfinite(out["loss"]) or not math.isfinite(out.get("grad_norm", 0.0)):
         raise NonFiniteLoss(f"non-finite loss/grad norm at this step ({out}); stopping. The last exported policy on "
                             "disk is the last good state.")
-    return {**metrics, **out, **extra, "optimizer_steps": ac.updates_per_batch}
+    return {**metrics, **out, "optimizer_steps": ac.updates_per_batch}
