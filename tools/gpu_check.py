@@ -32,11 +32,12 @@ Output: a ``device=...`` line, then one line per check ``<name>=PASS|FAIL key=va
 that check's FAIL with ``error=...``; the others still run), then ``gpu_check=PASS|FAIL passed=<n>/<m>
 seconds=<s>``. Exit status 1 when any check fails.
 
-On a GPU machine without a package registry (an NGC PyTorch image: no megatron-core, maybe no transformers), bring
-the wheels in an ignored folder and install them first (match the image's Python, e.g. 3.12):
-    pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels megatron-core==0.19.2 \\
-        transformers==5.19.0 huggingface-hub tokenizers safetensors ...
+On a GPU machine without a package registry (an NGC-like PyTorch image: torch and numpy, no megatron-core or
+transformers), bring the wheels: ``bash tools/gpu_wheels.sh 3.12`` here (the image's Python; ~22 MB into the
+git-ignored .gpu/wheels), then in one device call that carries .gpu/wheels:
     pip install -q --no-index --no-deps .gpu/wheels/*.whl && python tools/gpu_check.py
+Seen passing with --device cpu --small from a bare checkout in a venv of only torch + numpy + those wheels:
+Python 3.11 / torch 2.13 / megatron-core 0.16.1, and Python 3.12 / torch 2.9.1 / megatron-core 0.19.2.
 """
 
 import os
