@@ -16,9 +16,10 @@ over a one-rank group (NCCL on a GPU, gloo on the CPU).
   bf16_floor)``, bf16_floor = how far transformers' own bf16 forward lands from its fp32 one: the learner's bf16 must
   be about as close to fp32 as transformers' bf16 is.
 - ``rl_step_bf16``: ``rl_step`` (online DPO: reference forward, policy forward + backward, clip, Adam) in bf16 with
-  fp32 main weights; passes when every step's loss and grad norm are finite, the update is applied and the weights
-  moved. Reports tokens/s (every row's tokens, per step), MFU (``6 * params * tokens/s / peak bf16 dense FLOP/s``;
-  H100/H200 989e12, A100 312e12, else ``--peak-tflops``) and ``torch.cuda.max_memory_allocated``.
+  fp32 main weights; passes when every step's loss and grad norm are finite, the update is applied, the weights
+  moved and they are bf16 on the device. Reports tokens/s (every row's tokens, per step), MFU (``6 * params *
+  tokens/s / peak bf16 dense FLOP/s``: the policy's training FLOPs only, the reference forward not counted; H100/H200
+  989e12, A100 312e12, else ``--peak-tflops``) and ``torch.cuda.max_memory_allocated``.
 - ``hf_step_bf16``: the same step in plain transformers + ``torch.optim.AdamW`` (fp32 weights under bf16 autocast, a
   bf16 reference model), for comparison; passes when finite.
 - ``checkpoint``: ``checkpoint.save_model`` of the trained policy with its optimizer, ``load_model`` into a freshly
@@ -303,6 +304,7 @@ def check_rl_step(hf_dir: str, run: dict, device: torch.device, peak_flops: floa
     del before, ref
     finite = all(math.isfinite(o["loss"]) and math.isfinite(o["grad_norm"]) for o in outs)
     applied = all(o["update_ok"] for o in outs)
+    placed = {(p.dtype, p.device) for p in model.parameters()} == {(torch.bfloat16, device)}
     params = sum(p.numel() for p in model.parameters())
     tokens = sum(len(s.prompt_ids) + len(s.token_ids) for s in batch.samples)
     step_s = sorted(times[1:])[len(times[1:]) // 2]
@@ -310,7 +312,9 @@ def check_rl_step(hf_dir: str, run: dict, device: torch.device, peak_flops: floa
     fields = {"loss_first": f"{outs[0]['loss']:.4f}", "loss_last": f"{outs[-1]['loss']:.4f}",
               "grad_norm": f"{outs[-1]['grad_norm']:.3e}", "max_weight_change": fmt(moved),
               **step_stats(step_s, tokens, params, device, peak_flops)}
-    return finite and applied and moved > 0, fields
+    if not placed:
+        fields["problems"] = "weights_not_all_bf16_on_" + str(device)
+    return finite and applied and placed and moved > 0, fields
 
 
 def check_hf_step(hf_dir: str, run: dict, device: torch.device, peak_flops: float | None):
