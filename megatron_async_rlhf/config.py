@@ -38,6 +38,9 @@ class ClusterConfig:
     """Longest wait for an engine to start (model load, KV cache allocation) before the run fails."""
     idle_timeout_s: float = 3600.0
     """Longest an engine waits for its next command (the learner may train for long between calls)."""
+    max_run_s: float | None = None
+    """Wall-clock limit of the whole run, after which the launcher ends its workers and fails; None: no limit (a
+    scheduler's own limit ends a job with SIGTERM, which checkpoints: ``checkpoint.grace_s``)."""
     bucket_mb: float = 64.0
     """Weight-sync bucket size: tensors are packed into flat buffers of about this size per broadcast."""
     reward_ranks: int = 0
@@ -67,6 +70,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.rollout_engines={self.rollout_engines} must be >= 0")
         if self.timeout_s <= 0 or self.bucket_mb <= 0:
             raise ConfigError("cluster.timeout_s and cluster.bucket_mb must be > 0")
+        if self.max_run_s is not None and not self.max_run_s > 0:
+            raise ConfigError(f"cluster.max_run_s={self.max_run_s} must be > 0, or null for no limit")
         if world_size is not None and world_size != self.world:
             raise ConfigError(
                 f"the launch has {world_size} ranks but cluster needs learner {self.learner_tp}x{self.learner_pp}x"
@@ -125,7 +130,7 @@ class RolloutConfig:
     ``hf`` (plain transformers, one sequence at a time: slow but exact, for debugging log-prob mismatches and for
     architectures vLLM cannot serve; TP 1 only)."""
     dtype: str = "float32"
-    """Engine weights dtype: float32 on CPU for exact parity; bfloat16 on GPU."""
+    """Engine weights dtype: float32 on CPU for exact parity; bfloat16 on GPU; float16; auto (as the checkpoint)."""
     max_model_len: int = 256
     """Prompt + completion tokens an engine accepts."""
     seed: int = 0
@@ -136,12 +141,15 @@ class RolloutConfig:
     RENAMED = {k: f"rollout.vllm.{k}" for k in
                ("kv_cache_gib", "gpu_memory_utilization", "engine_multiprocess", "enforce_eager", "extra")}
     """Old flat names (before the backend interface) -> their new place, which from_dict's error names."""
+    DTYPES = ("float32", "bfloat16", "float16", "auto")
 
     def validate(self) -> "RolloutConfig":
         """The backend must be registered (imports the backend modules, not their libraries)."""
         from megatron_async_rlhf.rollout.base import backend_class
 
         backend_class(self.backend)  # a ConfigError listing the registered names
+        if self.dtype not in self.DTYPES:
+            raise ConfigError(f"rollout.dtype={self.dtype!r}: use one of {list(self.DTYPES)}")
         return self
 
 
@@ -199,8 +207,8 @@ def from_dict(cls, d: dict | None, where: str = ""):
     for k, v in d.items():  # YAML reads 1e-3 as a string; command lines give strings
         t = types[k]
         try:
-            if t == "float" and isinstance(v, (str, int)) and not isinstance(v, bool):
-                d[k] = float(v)
+            if t in ("float", "float | None") and isinstance(v, (str, int)) and not isinstance(v, bool):
+                d[k] = None if t != "float" and isinstance(v, str) and v.lower() in ("none", "null") else float(v)
             elif t == "int" and isinstance(v, str):
                 d[k] = int(v)
             elif t in ("bool", "bool | None") and isinstance(v, str):
@@ -348,7 +356,7 @@ class RMConfig:
         if self.batch_size % learner_dp:
             raise ConfigError(f"rm.batch_size={self.batch_size} comparison groups do not split over cluster.learner_dp="
                               f"{learner_dp} data-parallel replicas")
-        if self.eval_every < 0 or self.max_len < 0 or self.lr <= 0:
+        if self.eval_every < 0 or self.max_len < 0 or not self.lr > 0:
             raise ConfigError("rm.eval_every and rm.max_len must be >= 0 and rm.lr > 0")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"rm.lr_schedule={self.lr_schedule!r}: use constant or linear")
@@ -425,6 +433,14 @@ class _AlgorithmFields:
                               "each generation round is trained as off_policy_n optimizer steps")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"algorithm.lr_schedule={self.lr_schedule!r}: use constant or linear")
+        if not self.lr > 0:
+            raise ConfigError(f"algorithm.lr={self.lr} must be > 0 (the learning rate of every RL step)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"algorithm.top_p={self.top_p} must be in (0, 1] (1: no nucleus truncation)")
+        beta = getattr(getattr(self, self.name, None), "beta", None)
+        if beta is not None and not beta > 0:
+            raise ConfigError(f"algorithm.{self.name}.beta={beta} must be > 0 (the strength of the implicit KL to "
+                              "the reference; 0 would make every pair's loss the same constant)")
         algo.check()
         return self
 
@@ -481,6 +497,17 @@ class LoggingConfig:
     save_every: int = 0
     """Export the policy (HF safetensors) every N steps; 0: only at the end."""
 
+    WANDB_MODES = ("offline", "online", "disabled")
+
+    def validate(self) -> "LoggingConfig":
+        if self.wandb_mode not in self.WANDB_MODES:
+            raise ConfigError(f"logging.wandb_mode={self.wandb_mode!r}: use one of {list(self.WANDB_MODES)}")
+        if not self.out_dir:
+            raise ConfigError("logging.out_dir is empty: name the run's directory")
+        if self.save_every < 0:
+            raise ConfigError(f"logging.save_every={self.save_every} must be >= 0 (0: export at the end only)")
+        return self
+
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
@@ -495,6 +522,9 @@ class CheckpointConfig:
     grace_s: float = 300.0
     """After a first SIGTERM/SIGINT the run finishes its step, checkpoints, stops the engines and exits 0; if that
     takes longer than this, the launcher kills the workers and exits 1. A second signal stops at once."""
+    overwrite: bool = False
+    """A fresh run (``resume`` unset) whose ``logging.out_dir`` holds checkpoints stops before launch unless this is
+    true; true deletes them and starts afresh. ``resume=auto`` continues them instead."""
 
     def validate(self) -> "CheckpointConfig":
         if self.every < 0:
@@ -549,9 +579,13 @@ class RunConfig:
         self.learner.validate()
         self.rollout.validate()
         self.checkpoint.validate()
+        self.logging.validate()
         if self.checkpoint.every % self.algorithm.off_policy_n:
             raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of algorithm.off_policy_n="
                               f"{self.algorithm.off_policy_n}: checkpoints fall between rounds")
+        if self.sft.steps < 0 or self.sft.batch_size < 1 or not self.sft.lr > 0:
+            raise ConfigError(f"sft.steps={self.sft.steps}, sft.batch_size={self.sft.batch_size}, sft.lr={self.sft.lr}: "
+                              "steps must be >= 0, batch_size >= 1 and lr > 0")
         if self.resume and self.mode != "rl":
             raise ConfigError(f"resume={self.resume!r} continues RL runs only (mode=rl), not mode={self.mode}")
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:

@@ -7,3 +7,7 @@ exits 2. Imports nothing.
 
 class ConfigError(ValueError):
     """A config or input that cannot work, found before any heavy work starts."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota): the save failed and earlier checkpoints are intact."""

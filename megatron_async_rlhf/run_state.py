@@ -7,9 +7,16 @@
         model/         policy weights + optimizer state (megatron dist checkpoint: loads at any TP/PP/DP)
         critic/        PPO with a critic: the value model + its optimizer, likewise
         run_state.json step, schedule state, evaluation state, metrics offset, the run's config, saved layout
-        rng.pkl        the prompt stream's position (data cursor) and every learner rank's RNG states
-        batch.pkl      async runs only: the round older weights generated before the checkpoint (schedules/rounds.py)
+        rng.json       the prompt stream's position (data cursor) and every learner rank's RNG states
+        batch.json     async runs only: the round older weights generated before the checkpoint (schedules/rounds.py)
+        manifest.json  sha256 and size of every file above, written last (``manifest.py``)
 ```
+
+No file of the project's own is a pickle: state files are JSON (tensors and arrays as hex bytes, dataclasses only of
+the few types a checkpoint holds), so a checkpoint from elsewhere cannot run code when loaded. Files are fsynced
+before the directory is renamed into place; ``resume=auto`` verifies the manifest and falls back to the previous
+complete checkpoint, with a warning naming the bad file, when the newest is truncated or corrupted. A fresh run never
+deletes checkpoints it finds: it stops before launch unless ``checkpoint.overwrite=true``.
 
 Samples are reproducible without saving the engines' state: every generation request carries per-prompt seeds
 derived from (seeds, batch index, prompt index) (``sampling_seed``), so a resumed run regenerates what the
@@ -18,21 +25,22 @@ uninterrupted run generated, whatever the number of engines.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
 import time
 
-from megatron_async_rlhf.errors import ConfigError
+from megatron_async_rlhf import manifest
+from megatron_async_rlhf.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-RUN_STATE, RNG, BATCH, MODEL, CRITIC, REFERENCE = "run_state.json", "rng.pkl", "batch.pkl", "model", "critic", "reference"
+RUN_STATE, RNG, BATCH, MODEL, CRITIC, REFERENCE = "run_state.json", "rng.json", "batch.json", "model", "critic", "reference"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # Config fields a resume must not change (prefixes of dotted names): they decide the run's numbers. Everything else
@@ -46,40 +54,82 @@ def checkpoints_dir(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
 
 
-def complete_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """(step, directory) of every complete checkpoint under ``out_dir``, oldest first (``*.tmp-*`` are unfinished)."""
+def step_dirs(out_dir: str) -> list[tuple[int, str]]:
+    """(step, directory) of every ``step_*`` directory under ``out_dir``, complete or not, oldest first."""
     root = checkpoints_dir(out_dir)
     if not os.path.isdir(root):
         return []
-    found = []
-    for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
-        if m and os.path.exists(os.path.join(root, name, RUN_STATE)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
     return sorted(found)
 
 
+def complete_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, directory) of every committed checkpoint (its manifest written), oldest first; not verified here."""
+    return [(s, d) for s, d in step_dirs(out_dir) if os.path.exists(os.path.join(d, manifest.MANIFEST))]
+
+
 def read_run_state(path: str) -> dict:
-    with open(os.path.join(path, RUN_STATE)) as f:
-        return json.load(f)
+    state = read_state_file(os.path.join(path, RUN_STATE))
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        raise ConfigError(f"checkpoint file {os.path.join(path, RUN_STATE)} holds no run state; refused. Fix: resume "
+                          "from a checkpoint this project wrote")
+    return state
+
+
+def check_fresh_start(cfg) -> None:
+    """A run with ``resume`` unset must not find checkpoints in its ``logging.out_dir``: they would be lost (metrics
+    and checkpoints start afresh). Raises ConfigError naming the ways on, unless ``checkpoint.overwrite=true``."""
+    if cfg.resume or cfg.checkpoint.overwrite:
+        return
+    found = step_dirs(cfg.logging.out_dir)
+    if found:
+        way = "resume=auto to continue it, " if cfg.mode == "rl" else ""
+        raise ConfigError(
+            f"logging.out_dir={cfg.logging.out_dir} holds the checkpoints of an earlier run ({len(found)} under "
+            f"{checkpoints_dir(cfg.logging.out_dir)}, newest step {found[-1][0]}) and resume is unset. Fix: {way}a "
+            "new logging.out_dir for a new run, or checkpoint.overwrite=true to delete them and start afresh")
 
 
 def find_resume(cfg) -> str:
-    """The checkpoint directory ``cfg.resume`` names ("" for a fresh start), its config checked against ``cfg``.
-    Raises ConfigError naming the field and the fix."""
+    """The checkpoint directory ``cfg.resume`` names ("" for a fresh start), verified against its manifest and its
+    config checked against ``cfg``. ``resume=auto`` takes the newest intact checkpoint, warning about each newer one
+    that is not. Raises ConfigError naming the field (or the bad file) and the fix."""
     if not cfg.resume:
+        check_fresh_start(cfg)
         return ""
     if cfg.resume == "auto":
-        found = complete_checkpoints(cfg.logging.out_dir)
-        if not found:
+        candidates = step_dirs(cfg.logging.out_dir)
+        if not candidates:
             log.info("resume=auto: no checkpoint under %s; starting afresh", checkpoints_dir(cfg.logging.out_dir))
             return ""
-        path = found[-1][1]
+        bad, path = [], ""
+        for _, d in reversed(candidates):
+            problem = manifest.verify(d)
+            if problem is None:
+                path = d
+                break
+            bad.append(problem)
+            log.warning("resume=auto: skipping checkpoint %s: %s", d, problem)
+        if not path:
+            raise ConfigError(f"resume=auto: no intact checkpoint under {checkpoints_dir(cfg.logging.out_dir)} "
+                              f"({'; '.join(bad)}). Fix: restore the files, or start a new run in a new "
+                              "logging.out_dir (or checkpoint.overwrite=true with resume unset)")
+        if bad:
+            log.warning("resume=auto: falling back to %s, the newest intact checkpoint", path)
     else:
         path = os.path.abspath(cfg.resume)
-        if ".tmp-" in os.path.basename(path) or not os.path.exists(os.path.join(path, RUN_STATE)):
-            raise ConfigError(f"resume={cfg.resume!r} is not a complete checkpoint ({RUN_STATE} missing). Fix: name a "
-                              f"checkpoints/step_* directory, or resume=auto for the newest one in logging.out_dir")
+        if ".tmp-" in os.path.basename(path) or not os.path.isdir(path):
+            raise ConfigError(f"resume={cfg.resume!r} is not a complete checkpoint. Fix: name a checkpoints/step_* "
+                              "directory, or resume=auto for the newest one in logging.out_dir")
+        problem = manifest.verify(path)
+        if problem is not None:
+            raise ConfigError(f"resume={cfg.resume!r} is not an intact checkpoint: {problem}. Fix: name another "
+                              "checkpoints/step_* directory, or resume=auto for the newest intact one")
+    reference = os.path.join(os.path.dirname(path), REFERENCE)
+    problem = manifest.verify(reference)
+    if problem is not None:
+        raise ConfigError(f"resume from {path}: the reference policy beside it is not intact: {problem}. Fix: "
+                          "restore it, or start a new run in a new logging.out_dir")
     check_compatible(read_run_state(path), cfg, path)
     return path
 
@@ -174,21 +224,118 @@ def restore_rng(state: dict) -> None:
         get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def clear_checkpoints(out_dir: str) -> None:
-    """A fresh run owns its directory (metrics.jsonl starts afresh too): a previous run's checkpoints go."""
+# ----- state files: JSON, never pickle -------------------------------------------------------------------------
+_TAG = "__mrlhf__"
+
+
+def _dataclasses() -> dict:
+    """The only classes a state file may name: what a saved round holds."""
+    from megatron_async_rlhf.data.tasks import Row
+    from megatron_async_rlhf.rollout.base import Sample
+    from megatron_async_rlhf.schedules import Batch
+
+    return {c.__name__: c for c in (Batch, Sample, Row)}
+
+
+def to_json(obj):
+    """``obj`` as plain JSON values: tuples, tensors, numpy arrays and scalars, and the dataclasses of
+    ``_dataclasses`` tagged so that ``from_json`` rebuilds them exactly (floats round-trip by repr)."""
+    import numpy as np
+    import torch
+
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        items = [to_json(v) for v in obj]
+        return items if isinstance(obj, list) else {_TAG: "tuple", "items": items}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj) or _TAG in obj:
+            raise TypeError(f"checkpoint state: a dict with keys {list(obj)[:5]} cannot be written as JSON")
+        return {k: to_json(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().contiguous()
+        return {_TAG: "tensor", "dtype": str(obj.dtype).removeprefix("torch."), "shape": list(obj.shape),
+                "hex": obj.view(-1).view(torch.uint8).numpy().tobytes().hex() if obj.numel() else ""}
+    if isinstance(obj, (np.ndarray, np.generic)):
+        arr = np.ascontiguousarray(obj)
+        return {_TAG: "ndarray" if isinstance(obj, np.ndarray) else "npscalar", "dtype": arr.dtype.str,
+                "shape": list(arr.shape), "hex": arr.tobytes().hex()}
+    if dataclasses.is_dataclass(obj) and type(obj) in _dataclasses().values():
+        return {_TAG: "dataclass", "class": type(obj).__name__,
+                "fields": {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    raise TypeError(f"checkpoint state: a {type(obj).__qualname__} cannot be written as JSON")
+
+
+def from_json(obj):
+    """The inverse of ``to_json``; anything it did not write is a ValueError (nothing is imported by name)."""
+    import numpy as np
+    import torch
+
+    if isinstance(obj, list):
+        return [from_json(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    kind = obj.get(_TAG)
+    if kind is None:
+        return {k: from_json(v) for k, v in obj.items()}
+    if kind == "tuple":
+        return tuple(from_json(v) for v in obj["items"])
+    if kind == "tensor":
+        dtype = getattr(torch, obj["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown tensor dtype {obj['dtype']!r}")
+        raw = torch.frombuffer(bytearray(bytes.fromhex(obj["hex"])), dtype=torch.uint8) if obj["hex"] else \
+            torch.empty(0, dtype=torch.uint8)
+        return raw.view(dtype).reshape(obj["shape"]).clone()
+    if kind in ("ndarray", "npscalar"):
+        dtype = np.dtype(obj["dtype"])
+        if dtype.hasobject:
+            raise ValueError("object arrays are not state")
+        arr = np.frombuffer(bytes.fromhex(obj["hex"]), dtype=dtype).reshape(obj["shape"]).copy()
+        return arr if kind == "ndarray" else arr[()]
+    if kind == "dataclass":
+        cls = _dataclasses().get(obj["class"])
+        if cls is None:
+            raise ValueError(f"class {obj['class']!r} is not one a checkpoint holds")
+        return cls(**{k: from_json(v) for k, v in obj["fields"].items()})
+    raise ValueError(f"unknown tagged value {kind!r}")
+
+
+def read_state_file(path: str):
+    """A state file's contents; a file that is not this project's JSON (e.g. a pickle put in its place) is refused
+    with a ConfigError naming it, and nothing in it is run."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return from_json(json.load(f))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"checkpoint file {path} is not a state file of this project ({type(e).__name__}: {e}); "
+                          "refused. Fix: resume from a checkpoint this project wrote") from None
+
+
+def remove_checkpoints(out_dir: str) -> None:
+    """``checkpoint.overwrite=true``: a fresh run takes the directory, deleting an earlier run's checkpoints."""
     root = checkpoints_dir(out_dir)
     if os.path.isdir(root):
-        log.warning("fresh run (resume unset): removing the previous run's checkpoints in %s", root)
+        log.warning("checkpoint.overwrite=true: removing the earlier run's checkpoints in %s", root)
         shutil.rmtree(root)
+
+
+def _remove_leftovers(out_dir: str) -> None:
+    """A fresh run without checkpoints to keep: an unfinished save's directories and a reference of a run that never
+    completed a checkpoint go (they belong to no checkpoint)."""
+    root = checkpoints_dir(out_dir)
+    if os.path.isdir(root) and not step_dirs(out_dir):
+        for name in os.listdir(root):
+            if ".tmp-" in name or name == REFERENCE:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def save(cfg, step: int, schedule, prompts: PromptStream, policy, ref, critic=None,
          controller: dict | None = None) -> str:
     """Write RL checkpoint ``step`` (between two rounds) atomically, then keep only the newest ``checkpoint.keep``.
     Collective over the learner pool. ``policy``: model, optimizer, layout; ``controller``: the controller's own
-    state (metrics, evaluation), None on other ranks."""
-    import dataclasses
-
+    state (metrics, evaluation), None on other ranks. A failed write (a full disk) raises CheckpointError and leaves
+    every earlier checkpoint as it was."""
     import torch.distributed as dist
 
     from megatron_async_rlhf.learner import checkpoint as ckpt
@@ -205,34 +352,65 @@ def save(cfg, step: int, schedule, prompts: PromptStream, policy, ref, critic=No
     box = [f"{final}.tmp-{os.getpid()}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     tmp = box[0]
-    reference = os.path.join(root, REFERENCE)
-    if not os.path.exists(os.path.join(reference, ckpt.META)):  # the reference never changes: written once
-        ckpt.save_model(ref, info, hf_config_raw, reference)
-    ckpt.save_model(model, info, hf_config_raw, os.path.join(tmp, MODEL), optimizer=optimizer, atomic=False)
-    if critic is not None:
-        ckpt.save_model(critic.model, info, hf_config_raw, os.path.join(tmp, CRITIC), optimizer=critic.opt,
-                        atomic=False)
-    rngs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(capture_rng(), rngs, dst=0)
-    if dist.get_rank() == 0:
-        with open(os.path.join(tmp, RNG), "wb") as f:
-            pickle.dump({"data_cursor": cursor_state, "ranks": rngs}, f)
-        if batch is not None:
-            with open(os.path.join(tmp, BATCH), "wb") as f:
-                pickle.dump(batch, f)
-        with open(os.path.join(tmp, RUN_STATE), "w") as f:
-            json.dump({**run, "step": step, "batch_saved": batch is not None, "learner_world": len(rngs),
-                       "layout": {"tp": info.tp, "pp": info.pp}, "created": time.time()}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # the commit: a checkpoint is complete once its directory has its final name
-        for _, old in complete_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for name in os.listdir(root):  # left by runs killed while writing
-            if ".tmp-" in name:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        log.info("checkpoint %s written in %.2f s", final, time.perf_counter() - t0)
+    try:
+        reference = os.path.join(root, REFERENCE)
+        if not os.path.exists(os.path.join(reference, manifest.MANIFEST)):  # never changes: written once
+            ckpt.save_model(ref, info, hf_config_raw, reference)
+        ckpt.save_model(model, info, hf_config_raw, os.path.join(tmp, MODEL), optimizer=optimizer, atomic=False)
+        if critic is not None:
+            ckpt.save_model(critic.model, info, hf_config_raw, os.path.join(tmp, CRITIC), optimizer=critic.opt,
+                            atomic=False)
+        rngs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(capture_rng(), rngs, dst=0)
+        if dist.get_rank() == 0:
+            files = {RNG: {"data_cursor": cursor_state, "ranks": rngs}}
+            if batch is not None:
+                files[BATCH] = batch
+            files[RUN_STATE] = {**run, "step": step, "batch_saved": batch is not None, "learner_world": len(rngs),
+                                "layout": {"tp": info.tp, "pp": info.pp}, "created": time.time()}
+            write_checkpoint(tmp, final, step, files, out_dir, keep)
+            log.info("checkpoint %s written in %.2f s", final, time.perf_counter() - t0)
+    except BaseException as e:  # noqa: B036 -- torch's CheckpointException (a full disk on a rank) is a BaseException
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        if not isinstance(e, (OSError, CheckpointException)):
+            raise
+        raise _save_failed(final, tmp if dist.get_rank() == 0 else None, out_dir, e) from e
     dist.barrier()
     return final
+
+
+def _save_failed(final: str, tmp: str | None, out_dir: str, e: BaseException) -> CheckpointError:
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = complete_checkpoints(out_dir)
+    prev = f"the previous checkpoint {kept[-1][1]} is intact" if kept else "no earlier checkpoint exists"
+    return CheckpointError(f"checkpoint {final} could not be written ({type(e).__name__}: {e}); {prev} and the "
+                           f"unfinished one was removed. Fix: free space under {checkpoints_dir(out_dir)} (or set "
+                           "logging.out_dir to a larger disk), then continue with resume=auto")
+
+
+def write_checkpoint(tmp: str, final: str, step: int, files: dict, out_dir: str, keep: int) -> None:
+    """Rank 0's part of a save: the state files into ``tmp`` (beside what the learner ranks wrote there), the
+    manifest last, the rename to ``final``; then unfinished saves and the checkpoints older than this one beyond the
+    newest ``keep`` go (newer ones, of a run that resumed from an older checkpoint, are left alone: this one is never
+    the one deleted). A failed write (a full disk) raises CheckpointError, ``tmp`` removed and every checkpoint as it
+    was."""
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        for name, obj in files.items():
+            manifest.write_json(os.path.join(tmp, name), to_json(obj), indent=1 if name == RUN_STATE else None)
+        manifest.write_manifest(tmp)
+        manifest.commit(tmp, final)  # a checkpoint is complete once its directory has its final name
+    except OSError as e:
+        raise _save_failed(final, tmp, out_dir, e) from e
+    older = [d for s, d in complete_checkpoints(out_dir) if s < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = checkpoints_dir(out_dir)
+    for name in os.listdir(root):  # left by runs killed while writing
+        if ".tmp-" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def load_critic(path: str, critic) -> None:
@@ -243,12 +421,35 @@ def load_critic(path: str, critic) -> None:
 
 
 def open_run(cfg, is_controller: bool) -> tuple[str, dict | None]:
-    """(checkpoint directory, its run state) that ``resume`` names, or ("", None): a fresh run, whose directory loses
-    the previous run's checkpoints."""
-    path = find_resume(cfg)
-    if not path and is_controller:
-        clear_checkpoints(cfg.logging.out_dir)
-    return path, read_run_state(path) if path else None
+    """(checkpoint directory, its run state) that ``resume`` names, or ("", None): a fresh run. The controller
+    finds and verifies it and tells the other learner ranks (one read of the files, one decision). A fresh run deletes
+    earlier checkpoints only with ``checkpoint.overwrite=true`` (the preflight stopped it otherwise)."""
+    import torch.distributed as dist
+
+    box = [None]
+    if is_controller:
+        try:
+            path = find_resume(cfg) if cfg.resume or not cfg.checkpoint.overwrite else ""
+            if not path:
+                if cfg.checkpoint.overwrite and not cfg.resume:
+                    remove_checkpoints(cfg.logging.out_dir)
+                _remove_leftovers(cfg.logging.out_dir)
+            box = [("ok", path)]
+        except ConfigError as e:
+            box = [("error", str(e))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise ConfigError(value)
+    return value, read_run_state(value) if value else None
+
+
+def read_state_files(path: str, batch_saved: bool) -> tuple[dict, object]:
+    """(RNG states and data cursor, the saved round or None) of checkpoint ``path``."""
+    rng = read_state_file(os.path.join(path, RNG))
+    batch = read_state_file(os.path.join(path, BATCH)) if batch_saved else None
+    return rng, batch
 
 
 def load(path: str, policy, ref, prompts: PromptStream) -> tuple[dict, object]:
@@ -259,19 +460,14 @@ def load(path: str, policy, ref, prompts: PromptStream) -> tuple[dict, object]:
     from megatron_async_rlhf.learner import checkpoint as ckpt
 
     state = read_run_state(path)
+    rng, batch = read_state_files(path, state["batch_saved"])  # refused before any weight is read if not JSON
     ckpt.load_model(policy.model, os.path.join(path, MODEL), policy.opt)
     ckpt.load_model(ref, os.path.join(os.path.dirname(path), REFERENCE))
-    with open(os.path.join(path, RNG), "rb") as f:
-        rng = pickle.load(f)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != len(rng["ranks"]):
         log.info("learner layout changed (%d -> %d ranks): every rank takes rank 0's saved RNG states",
                  len(rng["ranks"]), world)
     restore_rng(rng["ranks"][rank if world == len(rng["ranks"]) else 0])
     prompts.rng.setstate(tuple(rng["data_cursor"]))
-    batch = None
-    if state["batch_saved"]:
-        with open(os.path.join(path, BATCH), "rb") as f:
-            batch = pickle.load(f)
     log.info("resumed from %s (step %d)", path, state["step"])
     return state["schedule"], batch

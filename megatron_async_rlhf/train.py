@@ -72,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args)
+        from megatron_async_rlhf.run_state import check_fresh_start
+
+        check_fresh_start(cfg)  # an earlier run's checkpoints are never deleted by a forgotten resume=auto
         model_path = prepare_model(cfg)
         from megatron_async_rlhf.checks import preflight
 
         preflight(cfg, model_path, torch.cuda.is_available())  # every contract checked before any process starts
+        from megatron_async_rlhf.modes import get_mode
+
+        # the launch checks torchrun's WORLD_SIZE against cluster.* before it starts anything (a ConfigError too)
+        return get_mode(cfg.mode).main(cfg, model_path)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from megatron_async_rlhf.modes import get_mode
-
-    return get_mode(cfg.mode).main(cfg, model_path)

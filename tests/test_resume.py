@@ -46,10 +46,18 @@ def test_checkpoint_config_checked(override, field):
 def _fake_checkpoint(out_dir, step, cfg, complete=True):
     import dataclasses
 
+    from megatron_async_rlhf.manifest import write_manifest
+
+    ref = os.path.join(out_dir, "checkpoints", "reference")
+    if not os.path.exists(ref):
+        os.makedirs(ref)
+        write_manifest(ref)
     d = os.path.join(out_dir, "checkpoints", f"step_{step:06d}" + ("" if complete else ".tmp-123"))
     os.makedirs(d)
     with open(os.path.join(d, "run_state.json"), "w") as f:
         json.dump({"step": step, "config": dataclasses.asdict(cfg)}, f)
+    if complete:
+        write_manifest(d)
     return d
 
 

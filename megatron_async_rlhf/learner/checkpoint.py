@@ -9,16 +9,23 @@ are atomic: written to a temporary sibling directory that is renamed into place 
 Optimizer state (Adam moments and step, fp32 main weights under mixed precision, learning rate) is sharded like the
 parameter it belongs to (megatron-core's ``optimizer.sharded_state_dict``; the distributed optimizer in its
 ``fully_sharded_model_space`` format), so it reshards across TP/PP/DP like the weights.
+
+An atomic save also writes ``manifest.json`` (sha256 of every file, ``manifest.py``) last, every file fsynced before
+the rename. Loading runs no code from the files: megatron-core reads ``common.pt`` with ``torch.load``'s default
+``weights_only=True`` and torch's ``.distcp`` shards with ``weights_only=True``; torch's ``.metadata`` is a pickle,
+which ``check_pickles`` reads first with an unpickler that builds only the checkpoint metadata classes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 
 import torch.distributed as dist
 
+from megatron_async_rlhf import manifest
 from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.weights.hf_io import replace_dir
 
@@ -63,7 +70,9 @@ def save_model(model, info, hf_config_raw: dict, out_dir: str, optimizer=None, a
             json.dump({"format": 1, "padded_vocab": info.padded_vocab, "saved_tp": info.tp, "saved_pp": info.pp,
                        "optimizer": optimizer is not None}, f)
         if atomic:
+            manifest.write_manifest(tmp_dir)  # fsyncs every file: on disk before the rename makes it visible
             replace_dir(tmp_dir, out_dir)
+            manifest.fsync_dir(os.path.dirname(out_dir))
     dist.barrier()
 
 
@@ -82,6 +91,7 @@ def load_model(model, ckpt_dir: str, optimizer=None) -> None:
     from megatron.core import dist_checkpointing
 
     nested = bool(read_meta(ckpt_dir).get("optimizer"))
+    check_pickles(ckpt_dir)
     if optimizer is not None and not nested:
         raise ConfigError(f"{ckpt_dir} holds model weights only, no optimizer state to resume from")
     state = dist_checkpointing.load(_sharded(model, optimizer, nested, is_loading=True), ckpt_dir)
@@ -93,6 +103,39 @@ def load_model(model, ckpt_dir: str, optimizer=None) -> None:
                            f"unexpected {unexpected[:6]}")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+
+
+# What torch's distributed checkpoint metadata (``.metadata``) is built from; nothing else is resolved.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                     "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        import torch
+
+        obj = super().find_class(module, name) if module.startswith("torch.distributed.checkpoint.") or \
+            module in ("torch", "torch.serialization", "collections") else None
+        ok = (module, name) in _METADATA_GLOBALS or (module in _METADATA_MODULES and isinstance(obj, type)) or \
+            (module == "torch" and isinstance(obj, torch.dtype))
+        if not ok:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not checkpoint metadata")
+        return obj
+
+
+def check_pickles(ckpt_dir: str) -> None:
+    """Refuse a checkpoint whose torch ``.metadata`` pickles name anything but checkpoint metadata classes (a
+    checkpoint from elsewhere could otherwise run code when loaded), before megatron-core reads it."""
+    for name in sorted(os.listdir(ckpt_dir)):
+        if name.endswith(".metadata"):
+            path = os.path.join(ckpt_dir, name)
+            try:
+                with open(path, "rb") as f:
+                    _MetadataUnpickler(f).load()
+            except Exception as e:  # noqa: BLE001 -- whatever it is, the file is not what torch wrote
+                raise ConfigError(f"checkpoint file {path} is not torch checkpoint metadata ({e}); refused. Fix: "
+                                  "load a checkpoint this project wrote") from None
 
 
 def checkpoint_vocab_fits(meta: dict, tp: int) -> None:
