@@ -29,6 +29,10 @@ over a one-rank group (NCCL on a GPU, gloo on the CPU).
   buffers on the device) into a loopback bridge, unpacked; passes when every HF tensor arrives once, bit-equal to
   the checkpoint's tensor rounded to bf16, fused groups never split, and the bytes are 2 per parameter.
 
+The learner takes Transformer Engine's layer spec where TE imports and CUDA is there (``te_spec=True`` on the
+``device=`` line); ``--no-te`` forces megatron-core's local spec (what the CPU tests cover) to tell a TE-path failure
+from a general one.
+
 Output: a ``device=...`` line, then one line per check ``<name>=PASS|FAIL key=value ...`` (a crash in a check is
 that check's FAIL with ``error=...``; the others still run), then ``gpu_check=PASS|FAIL passed=<n>/<m>
 seconds=<s>``. Exit status 1 when any check fails.
@@ -460,6 +464,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed RL steps per variant (after one warm-up)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     ap.add_argument("--keep", action="store_true", help="keep --work afterwards")
+    ap.add_argument("--no-te", action="store_true",
+                    help="build the learner with megatron-core's local layer spec even where Transformer Engine imports")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -473,7 +479,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    print(describe(device, shape), flush=True)
+    from megatron_async_rlhf.learner import model as learner_model
+
+    if args.no_te:
+        learner_model.HAVE_TE = False  # use_te() reads it at build time
+    print(describe(device, shape) + f" te_spec={learner_model.use_te()}", flush=True)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars for every model load
