@@ -465,7 +465,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     ap.add_argument("--keep", action="store_true", help="keep --work afterwards")
     ap.add_argument("--no-te", action="store_true",
-                    help="build the learner with megatron-core's local layer spec even where Transformer Engine imports")
+                    help="megatron-core's local layer spec for the learner even where Transformer Engine imports")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     if args.device == "cuda" and not torch.cuda.is_available():
