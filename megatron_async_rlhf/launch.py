@@ -5,7 +5,9 @@ the test suite, which keeps one group alive across tests so megatron-core's impo
 
 A job is a module-level function ``fn(*args)`` run on every rank at once; ``run`` returns the per-rank results. If a
 rank raises, its traceback is raised here and the group is torn down (the other ranks may be stuck in a collective);
-if a rank dies or the job exceeds ``timeout_s``, the same. Never a silent hang. Workers die with this process
+if a rank dies or the job exceeds ``timeout_s`` (None: no limit), the same. Never a silent hang. The store binds its
+own port (port 0: the kernel picks a free one while the store holds it), so no other process can take it between a
+probe and the bind. Workers die with this process
 (``preemption.die_with_parent``), even when it is killed with SIGKILL.
 """
 
@@ -22,6 +24,8 @@ import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+from megatron_async_rlhf.errors import ConfigError
 
 
 class WorkerError(RuntimeError):
@@ -92,24 +96,25 @@ class WorkerGroup:
     ``default_group`` every worker joins one gloo (CPU) / NCCL (GPU) default group over all of them; without, each job
     sets up its own groups from the store (a learner pool and a rollout pool, see cluster.py)."""
 
-    def __init__(self, world: int, threads_per_rank: int = 1, timeout_s: float = 600.0, env: dict | None = None,
-                 default_group: bool = True, grace_s: float = 30.0):
+    def __init__(self, world: int, threads_per_rank: int = 1, timeout_s: float | None = 600.0,
+                 env: dict | None = None, default_group: bool = True, grace_s: float = 30.0):
         import torch.distributed as dist
 
         self.world = world
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # None: a job may run as long as it runs
         self.grace_s = grace_s
         self._stop_deadline: float | None = None
         ctx = mp.get_context("spawn")
-        port = free_port()
-        self._store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+        wait_s = timeout_s or _NO_LIMIT_STORE_S  # how long one store or collective operation may wait
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                    timeout=datetime.timedelta(seconds=wait_s))
+        port = self._store.port
         self._jobs = [ctx.Queue() for _ in range(world)]
         self._results = ctx.Queue()
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, world, port, self._jobs[r], self._results, threads_per_rank, timeout_s, dict(env or {}),
+                args=(r, world, port, self._jobs[r], self._results, threads_per_rank, wait_s, dict(env or {}),
                       default_group, os.getpid()),
                 # not daemonic: megatron-core's dist_checkpointing save starts child processes of its own;
                 # close() (also registered atexit) ends the workers instead
@@ -128,7 +133,7 @@ class WorkerGroup:
         ``grace_s`` to finish (their own error, e.g. "engine 1 did not answer", says more than the death)."""
         out: list[Any] = [None] * self.world
         pending = set(range(self.world))
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s else float("inf")
         dead: dict[int, int | None] = {}
         while pending - set(dead):
             try:
@@ -202,7 +207,25 @@ class WorkerGroup:
         self.close(force=exc[0] is not None)
 
 
-def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, default_group: bool = True,
+_NO_LIMIT_STORE_S = 1800.0  # no run time limit: one store operation or collective still waits at most this long
+
+
+def check_launch_world(world: int) -> None:
+    """Under torchrun, its WORLD_SIZE must be the ``world`` the run needs; a ConfigError naming both and the fix."""
+    raw = os.environ.get("WORLD_SIZE", "")
+    try:
+        have = int(raw)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r} (set by the launcher) is not a number of processes. Fix: start with "
+                          f"torchrun --nnodes=N --nproc_per_node=M where N x M = {world}") from None
+    if have != world:
+        raise ConfigError(f"started under torchrun with WORLD_SIZE={have}, but this run needs {world} processes "
+                          "(cluster.*: learner_tp x learner_pp x learner_dp + rollout_engines x rollout_tp + "
+                          f"reward_ranks). Fix: torchrun --nnodes=N --nproc_per_node=M with N x M = {world}, or "
+                          f"change cluster.* to fit {have} processes")
+
+
+def run_distributed(world: int, fn: Callable, *args, timeout_s: float | None = 600.0, default_group: bool = True,
                     stop_grace_s: float | None = None, **kwargs) -> list[Any]:
     """One job on a fresh group of ``world`` processes, or in this process's own torchrun world if it has one
     (then the result list holds only this rank's result, at its rank). With ``stop_grace_s``, a first SIGTERM/SIGINT
@@ -210,14 +233,12 @@ def run_distributed(world: int, fn: Callable, *args, timeout_s: float = 600.0, d
     import torch.distributed as dist
 
     if "TORCHELASTIC_RUN_ID" in os.environ or (os.environ.get("RANK") and os.environ.get("WORLD_SIZE")):
-        if int(os.environ["WORLD_SIZE"]) != world:
-            raise WorkerError(f"started under torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but this job needs "
-                              f"{world} processes: use --nproc_per_node={world}")
+        check_launch_world(world)
         if default_group and not dist.is_initialized():
             import torch
 
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+                                    timeout=datetime.timedelta(seconds=timeout_s or _NO_LIMIT_STORE_S))
         out: list[Any] = [None] * world
         # the launch's rank: a job may leave this process in a smaller default group (an engine's 1-rank one) or none
         out[int(os.environ["RANK"])] = fn(*args, **kwargs)

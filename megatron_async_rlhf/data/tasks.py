@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Mapping
@@ -31,7 +32,8 @@ LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 
 def load_split(path: str, split: str, name: str | None = None):
     """One split through ``datasets.load_dataset``: a hub name on clusters; here a local file (json/jsonl/parquet/
-    csv, split name ignored: the file is the split) or a local directory holding ``<split>.jsonl`` files."""
+    csv, split name ignored: the file is the split) or a local directory holding ``<split>.jsonl`` files. Any load
+    error is a ConfigError naming the source; for JSON lines, the file and the first line that is not a JSON object."""
     from datasets import load_dataset
 
     suffix = os.path.splitext(path)[1]
@@ -39,16 +41,65 @@ def load_split(path: str, split: str, name: str | None = None):
         if not os.path.isfile(path):
             raise ConfigError(f"data file {path} does not exist. Fix: set data.source to an existing file, a directory "
                               "of <split>.jsonl files, a hub dataset name, or a built-in source")
-        return load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train")
+        return _loaded(path, split, [path], lambda: load_dataset(LOCAL_SUFFIXES[suffix], data_files=path,
+                                                                  split="train"))
     if os.path.isdir(path):
-        files = os.listdir(path)
-        if not any(f.startswith(split + ".") or f.startswith(split + "-") for f in files):
-            raise ConfigError(f"data directory {path} has no file for split {split!r} (files: {sorted(files)}). Fix: "
-                              f"add {split}.jsonl or set data.split / data.eval_split")
-        return load_dataset(path, name, split=split)
+        files = [f for f in sorted(os.listdir(path)) if f.startswith(split + ".") or f.startswith(split + "-")]
+        if not files:
+            raise ConfigError(f"data directory {path} has no file for split {split!r} (files: "
+                              f"{sorted(os.listdir(path))}). Fix: add {split}.jsonl or set data.split / data.eval_split")
+        return _loaded(path, split, [os.path.join(path, f) for f in files], lambda: load_dataset(path, name,
+                                                                                               split=split))
     if path.startswith((".", "/", "~")):
         raise ConfigError(f"data source {path} does not exist. Fix: point data.source at an existing local path")
-    return load_dataset(path, name, split=split)
+    return _loaded(path, split, [], lambda: load_dataset(path, name, split=split))
+
+
+def _loaded(path: str, split: str, files: list[str], load):
+    """``load()``, its errors (``datasets``' own: a ValueError "Expected object or value", a DatasetGenerationError,
+    a hub error) turned into a ConfigError that names the file and line where it can."""
+    try:
+        return load()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- whatever datasets raised, the user's data is what to fix
+        for f in files:
+            bad = bad_json_line(f)
+            if bad is not None:
+                line, why = bad
+                raise ConfigError(f"data file {f} line {line}: {why}. Fix: every line of a JSON-lines file must be "
+                                  "one JSON object (one row); correct or remove that line") from None
+        raise ConfigError(f"data.source={path!r} (split {split!r}) could not be loaded by datasets: "
+                          f"{type(e).__name__}: {str(e)[:500]}. Fix: check the file's format, or data.source / "
+                          "data.name / data.split") from None
+
+
+def bad_json_line(file: str) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first line of a JSON-lines ``file`` that is not a JSON object, or None
+    (also for a ``.json`` file that is one JSON document, and for files that are not JSON)."""
+    if os.path.splitext(file)[1] not in (".json", ".jsonl"):
+        return None
+    if file.endswith(".json"):
+        try:
+            with open(file, encoding="utf-8") as f:
+                json.load(f)
+            return None  # one JSON document (an array of rows), not JSON lines
+        except (ValueError, UnicodeDecodeError):
+            pass
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                obj = json.loads(text)
+            except UnicodeDecodeError as e:
+                return n, f"not UTF-8 text ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                return n, f"not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(obj, dict):
+                return n, f"a JSON {type(obj).__name__}, not an object with the data's columns"
+    return None
 
 
 def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: str | None = None,
@@ -64,13 +115,35 @@ def dataset_rows(path: str, split: str, prompt_key: str, answer_key: str, name: 
             raise ConfigError(f"data: column {key!r} not in {path} (columns: {ds.column_names}); set data.prompt_key "
                               "/ data.answer_key")
     rows = []
-    for ex in ds.select(range(min(limit, len(ds)))) if limit else ds:
-        ans = ex[answer_key] if answer_key else ""
-        if isinstance(ans, list) and ans and isinstance(ans[-1], dict):  # a conversation (No Robots' messages):
-            ans = [m for m in ans if m.get("role") == "assistant"][-1]["content"]  # its last assistant turn
-        ans = str(ans)
-        rows.append(Row(str(ex[prompt_key]), extract_final_answer(ans) if "####" in ans else ans.strip()))
+    for i, ex in enumerate(ds.select(range(min(limit, len(ds)))) if limit else ds):
+        where = f"data: row {i} of {path} (split {split!r})"
+        prompt = ex[prompt_key]
+        if not isinstance(prompt, str):
+            raise ConfigError(f"{where}: data.prompt_key {prompt_key!r} is "
+                              f"{'missing (null)' if prompt is None else f'a {type(prompt).__name__}, not text'}. "
+                              "Fix: give every row a prompt string, or drop the row")
+        ans = _answer_text(ex[answer_key], where, answer_key) if answer_key else ""
+        rows.append(Row(prompt, extract_final_answer(ans) if "####" in ans else ans.strip()))
     return rows
+
+
+def _answer_text(ans, where: str, key: str) -> str:
+    """A row's gold answer as text: a string or a number as is; a conversation (No Robots' messages, a list of
+    ``{role, content}``) its last assistant turn. Anything else is a ConfigError naming the row and the key."""
+    fix = "Fix: give every row an answer (text, a number, or a conversation with an assistant turn), or drop the row"
+    if isinstance(ans, str) or (isinstance(ans, (int, float)) and not isinstance(ans, bool)):
+        return str(ans)
+    if ans is None:
+        raise ConfigError(f"{where}: data.answer_key {key!r} is missing (null). {fix}")
+    if isinstance(ans, list) and ans and all(isinstance(m, Mapping) for m in ans):
+        turns = [m.get("content") for m in ans if m.get("role") == "assistant"]
+        if not turns:
+            raise ConfigError(f"{where}: data.answer_key {key!r} is a conversation with no assistant turn (roles: "
+                              f"{[m.get('role') for m in ans]}). {fix}")
+        if not isinstance(turns[-1], str):
+            raise ConfigError(f"{where}: the last assistant turn of data.answer_key {key!r} has no text content. {fix}")
+        return turns[-1]
+    raise ConfigError(f"{where}: data.answer_key {key!r} is a {type(ans).__name__}, not an answer. {fix}")
 
 
 def format_prompt(text: str, template: str = "") -> str:
