@@ -81,7 +81,7 @@ def test_a_conversation_without_an_assistant_turn_is_named(tmp_path, capsys):
 def test_the_reward_model_is_checked_before_any_engine_starts(tmp_path, capsys, tiny_models):
     rm = ["reward.kind=reward_model", "data.answer_key="]
     err = _main(tmp_path, capsys, *rm, f"reward.reward_model_path={tmp_path / 'nope'}")
-    assert f"reward.reward_model_path='{tmp_path / 'nope'}': no such directory" in err
+    assert f"reward.reward_model_path='{tmp_path / 'nope'}': no HF reward model there (no such directory)" in err
     err = _main(tmp_path, capsys, *rm, f"reward.reward_model_path={tiny_models['tiny-gqa']}")
     assert "is not a reward model" in err and "LlamaForCausalLM" in err and "ForSequenceClassification" in err
 

@@ -180,6 +180,12 @@ def test_torch_metadata_pickles_are_read_with_checkpoint_classes_only(tmp_path):
     (bad / ".metadata").write_bytes(pickle.dumps(_CreatesAFile(marker)))
     with pytest.raises(ConfigError, match=r"\.metadata is not torch checkpoint metadata \(global io.open is not"):
         check_pickles(str(bad))
+    (bad / ".metadata").unlink()
+    (bad / "common.pt").write_bytes(pickle.dumps(_CreatesAFile(marker)))  # torch.load would run a plain pickle
+    with pytest.raises(ConfigError, match=r"common\.pt is not torch checkpoint metadata"):
+        check_pickles(str(bad))
+    torch.save({"optimizer": {"step": torch.tensor(2.0)}}, good / "common.pt")
+    check_pickles(str(good))
     assert not os.path.exists(marker)
 
 

@@ -56,7 +56,7 @@ def _check_reward_model(cfg, field: str, path: str) -> None:
     fix = "Fix: a directory with config.json, weights and tokenizer (mode=rm exports one under " \
           "<out_dir>/reward_model/final)"
     if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        raise ConfigError(f"{field}={path!r}: no such directory. {fix}")
+        raise ConfigError(f"{field}={path!r}: no HF reward model there (no such directory). {fix}")
     try:
         hf = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

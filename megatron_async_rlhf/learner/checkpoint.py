@@ -125,12 +125,18 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def check_pickles(ckpt_dir: str) -> None:
-    """Refuse a checkpoint whose torch ``.metadata`` pickles name anything but checkpoint metadata classes (a
-    checkpoint from elsewhere could otherwise run code when loaded), before megatron-core reads it."""
+    """Refuse a checkpoint whose torch ``.metadata`` pickles name anything but checkpoint metadata classes, or whose
+    ``common.pt`` does not load with ``weights_only=True`` (a checkpoint from elsewhere could otherwise run code when
+    loaded), before megatron-core reads them."""
+    import torch
+
     for name in sorted(os.listdir(ckpt_dir)):
-        if name.endswith(".metadata"):
+        if name.endswith(".metadata") or name == "common.pt":
             path = os.path.join(ckpt_dir, name)
             try:
+                if name == "common.pt":
+                    torch.load(path, map_location="cpu", weights_only=True)
+                    continue
                 with open(path, "rb") as f:
                     _MetadataUnpickler(f).load()
             except Exception as e:  # noqa: BLE001 -- whatever it is, the file is not what torch wrote
