@@ -19,11 +19,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytestmark = pytest.mark.multiproc
-
 PROMPTS, K = 8, 2
 ALGORITHMS = ("online_dpo", "rloo", "ppo", "ppo_critic")
 REL = 1e-5
+
+
+def test_replica_shares_split_a_batch_into_balanced_contiguous_blocks():
+    from megatron_async_rlhf.learner.step import replica_share
+
+    for n, dp in ((8, 2), (8, 3), (7, 4), (5, 5)):
+        shares = [replica_share(n, dp, d) for d in range(dp)]
+        assert [i for s in shares for i in s] == list(range(n))  # contiguous, in order, every unit once
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="cannot give each of 4 data-parallel replicas"):
+        replica_share(3, 4, 0)
 
 
 def _samples(vocab: int, seed: int = 5):
@@ -262,6 +271,7 @@ def rl_runs(pool, tiny_models):
     return {(tp, pp): pool.run(_rl_job, tiny_models["tiny-gqa"], tp, pp) for tp, pp in [(2, 2)] + LAYOUTS}
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_rl_step_at_dp_n_is_the_dp1_step(rl_runs, name, tp, pp):
@@ -280,6 +290,7 @@ def test_rl_step_at_dp_n_is_the_dp1_step(rl_runs, name, tp, pp):
     _assert_close(a["weights"], b["weights"], f"{name} updated weights")
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp", [(2, 2)] + LAYOUTS)
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_each_replica_runs_its_own_rows(rl_runs, name, tp, pp):
@@ -296,6 +307,7 @@ def test_each_replica_runs_its_own_rows(rl_runs, name, tp, pp):
         _assert_split(per_rank, real, rows, f"{name} {kind} at tp{tp} pp{pp}")
 
 
+@pytest.mark.multiproc
 def test_sft_warm_start_at_dp_n_is_the_dp1_step(pool, tiny_models):
     runs = {(tp, pp): pool.run(_sft_job, tiny_models["tiny-gqa"], tp, pp) for tp, pp in [(2, 2), (2, 1), (1, 1)]}
     one = runs[(2, 2)][0]
@@ -319,6 +331,7 @@ def _deal_job(tp: int, pp: int, m: int):
             "held": [[i for i, s in enumerate(mb.samples) if s is not None] for mb in mbs]}
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("tp,pp,m", [(1, 1, 2), (2, 1, 1), (1, 2, 2)])
 def test_the_schedule_sends_each_replica_only_its_rows(pool, tp, pp, m):
     from megatron_async_rlhf.learner.step import replica_share
