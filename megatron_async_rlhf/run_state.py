@@ -69,7 +69,8 @@ def complete_checkpoints(out_dir: str) -> list[tuple[int, str]]:
 
 
 def read_run_state(path: str) -> dict:
-    state = read_state_file(os.path.join(path, RUN_STATE))
+    """``run_state.json``: plain JSON (the controller's own state as it gave it), refused if it is anything else."""
+    state = read_state_file(os.path.join(path, RUN_STATE), tagged=False)
     if not isinstance(state, dict) or "step" not in state or "config" not in state:
         raise ConfigError(f"checkpoint file {os.path.join(path, RUN_STATE)} holds no run state; refused. Fix: resume "
                           "from a checkpoint this project wrote")
@@ -301,12 +302,13 @@ def from_json(obj):
     raise ValueError(f"unknown tagged value {kind!r}")
 
 
-def read_state_file(path: str):
-    """A state file's contents; a file that is not this project's JSON (e.g. a pickle put in its place) is refused
-    with a ConfigError naming it, and nothing in it is run."""
+def read_state_file(path: str, tagged: bool = True):
+    """A state file's contents (``tagged``: as ``to_json`` wrote them); a file that is not this project's JSON (e.g.
+    a pickle put in its place) is refused with a ConfigError naming it, and nothing in it is run."""
     try:
         with open(path, encoding="utf-8") as f:
-            return from_json(json.load(f))
+            obj = json.load(f)
+        return from_json(obj) if tagged else obj
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"checkpoint file {path} is not a state file of this project ({type(e).__name__}: {e}); "
                           "refused. Fix: resume from a checkpoint this project wrote") from None
@@ -399,7 +401,8 @@ def write_checkpoint(tmp: str, final: str, step: int, files: dict, out_dir: str,
     try:
         os.makedirs(tmp, exist_ok=True)
         for name, obj in files.items():
-            manifest.write_json(os.path.join(tmp, name), to_json(obj), indent=1 if name == RUN_STATE else None)
+            plain = name == RUN_STATE  # the controller's state as JSON gives it back, as before
+            manifest.write_json(os.path.join(tmp, name), obj if plain else to_json(obj), indent=1 if plain else None)
         manifest.write_manifest(tmp)
         manifest.commit(tmp, final)  # a checkpoint is complete once its directory has its final name
     except OSError as e:
