@@ -586,6 +586,14 @@ class RunConfig:
         if self.sft.steps < 0 or self.sft.batch_size < 1 or not self.sft.lr > 0:
             raise ConfigError(f"sft.steps={self.sft.steps}, sft.batch_size={self.sft.batch_size}, sft.lr={self.sft.lr}: "
                               "steps must be >= 0, batch_size >= 1 and lr > 0")
+        dp = self.cluster.learner_dp  # each data-parallel replica trains a share of every batch: a prompt/row at least
+        if self.mode == "rl" and self.algorithm.prompts_per_step < dp:
+            raise ConfigError(f"algorithm.prompts_per_step={self.algorithm.prompts_per_step} < cluster.learner_dp="
+                              f"{dp}: each data-parallel replica trains whole prompts of a step. Fix: raise "
+                              "algorithm.prompts_per_step or lower cluster.learner_dp")
+        if (self.mode == "sft" or (self.mode == "rl" and self.sft.steps)) and self.sft.batch_size < dp:
+            raise ConfigError(f"sft.batch_size={self.sft.batch_size} < cluster.learner_dp={dp}: each data-parallel "
+                              "replica trains rows of a batch. Fix: raise sft.batch_size or lower cluster.learner_dp")
         if self.resume and self.mode != "rl":
             raise ConfigError(f"resume={self.resume!r} continues RL runs only (mode=rl), not mode={self.mode}")
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:

@@ -37,6 +37,8 @@ def test_gpu_recipes_are_rejected_on_cpu_with_a_reason():
     ("algorithm.max_new_tokens=60", "cannot hold prompt + completion"),
     ("recipe=nope", "Known recipes"),
     ("mode=ppo", "mode='ppo': use one of ['rl', 'rm', 'sft']"),
+    ("cluster.learner_dp=2 algorithm.prompts_per_step=1", "algorithm.prompts_per_step=1 < cluster.learner_dp=2"),
+    ("cluster.learner_dp=2 sft.batch_size=1", "sft.batch_size=1 < cluster.learner_dp=2"),
     ("algorithm.bogus=1", "unknown algorithm field"),
     ("algorithm.beta=0.2", "algorithm.beta moved: set algorithm.online_dpo.beta instead"),
     ("rollout.backend=sglang", "rollout.backend='sglang' is not a registered rollout backend"),
@@ -45,7 +47,7 @@ def test_gpu_recipes_are_rejected_on_cpu_with_a_reason():
     ("eval.win_rate_against=answers", "needs eval.judge"),
 ])
 def test_bad_configs(override, message, capsys):
-    assert main([override]) == 2
+    assert main(override.split()) == 2
     assert message in capsys.readouterr().err
 
 

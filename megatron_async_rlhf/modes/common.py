@@ -55,7 +55,7 @@ def launch(cfg: RunConfig, job, model_path: str, session: str, learners_only: bo
     if learners_only:
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, rollout_engines=0, reward_ranks=0))
     summary = run_distributed(cfg.cluster.world, job, dataclasses.asdict(cfg), model_path, session,
-                              default_group=False, timeout_s=24 * 3600, stop_grace_s=stop_grace_s)[0]
+                              default_group=False, timeout_s=cfg.cluster.max_run_s, stop_grace_s=stop_grace_s)[0]
     if summary is not None:
         log.info("finished in %.1f s: %s", time.time() - t0, summary)
     return summary

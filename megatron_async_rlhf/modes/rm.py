@@ -88,9 +88,10 @@ def _last_stage_totals(values: list[float] | None, n: int) -> list[float]:
     from megatron.core import parallel_state as ps
 
     mine = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and values is not None
-    t = torch.tensor(values if mine else [0.0] * n, dtype=torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the default group is NCCL on GPUs
+    t = torch.tensor(values if mine else [0.0] * n, dtype=torch.float64, device=device)
     dist.all_reduce(t)  # the default group is the learner pool
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def group_micro_batches(groups: list[list], micro_batch: int) -> list[dict]:

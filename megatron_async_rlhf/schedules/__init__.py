@@ -25,7 +25,8 @@ and nothing is in flight. What the loop does there never changes what is trained
 @dataclass
 class Batch:
     index: int  # a round's index when collected; a mini-batch's optimizer step (r*M + j) when trained
-    samples: list  # rollout.base.Sample, prompt-major: k samples per prompt
+    samples: list  # rollout.base.Sample, prompt-major: k samples per prompt; None where another DP replica trains it
+    #   (a learner rank other than the controller holds only its replica's share: schedules/rounds)
     meta: list  # per prompt of the round, whatever the data source attached (gold answers, texts): a sample's
     # prompt_index indexes it, in a mini-batch too
     gen_seconds: float
@@ -36,7 +37,7 @@ class Batch:
 
     @property
     def versions(self) -> list[int]:
-        return sorted({s.version for s in self.samples})
+        return sorted({s.version for s in self.samples if s is not None})
 
 
 @dataclass

@@ -92,7 +92,7 @@ def full_hf_state_dict(model, info, cfg: LlamaConfig) -> dict[str, torch.Tensor]
         if info.tp_rank == 0:
             dist.gather_object(mine, gathered,
                                group_dst=0, group=ps.get_pipeline_model_parallel_group())
-        if not info.first:
+        if not info.first or info.tp_rank != 0:  # only the first stage's TP rank 0 received the stages
             return None
         out: dict[str, torch.Tensor] = {}
         for part in gathered:
