@@ -9,7 +9,7 @@
         run_state.json step, schedule state, evaluation state, metrics offset, the run's config, saved layout
         rng.json       the prompt stream's position (data cursor) and every learner rank's RNG states
         batch.json     async runs only: the round older weights generated before the checkpoint (schedules/rounds.py)
-        manifest.json  sha256 and size of every file above, written last (``manifest.py``)
+        manifest.json  sha256 and size of every file above, written last (``learner/manifest.py``)
 ```
 
 No file of the project's own is a pickle: state files are JSON (tensors and arrays as hex bytes, dataclasses only of
@@ -35,7 +35,7 @@ import re
 import shutil
 import time
 
-from megatron_async_rlhf import manifest
+from megatron_async_rlhf.learner import manifest
 from megatron_async_rlhf.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import random
 
 import pytest
 
-from megatron_async_rlhf import manifest, run_state
+from megatron_async_rlhf import run_state
+from megatron_async_rlhf.learner import manifest
 from megatron_async_rlhf.errors import CheckpointError, ConfigError
 
 

@@ -46,7 +46,7 @@ def test_checkpoint_config_checked(override, field):
 def _fake_checkpoint(out_dir, step, cfg, complete=True):
     import dataclasses
 
-    from megatron_async_rlhf.manifest import write_manifest
+    from megatron_async_rlhf.learner.manifest import write_manifest
 
     ref = os.path.join(out_dir, "checkpoints", "reference")
     if not os.path.exists(ref):

@@ -25,7 +25,7 @@ import shutil
 
 import torch.distributed as dist
 
-from megatron_async_rlhf import manifest
+from megatron_async_rlhf.learner import manifest
 from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.weights.hf_io import replace_dir
 
