@@ -511,12 +511,12 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    """Full RL checkpoints under ``<logging.out_dir>/checkpoints/`` (``run_state.py``): a resumed run (``resume``)
-    continues exactly where the checkpoint was taken."""
+    """Full checkpoints of mode=rl and mode=rm runs under ``<logging.out_dir>/checkpoints/`` (``run_state.py``): a
+    resumed run (``resume``) continues exactly where the checkpoint was taken."""
 
     every: int = 0
-    """Write a checkpoint every N RL steps (model, optimizer, RNG, data cursor, schedule, metrics offset, config);
-    0: none, except the one a SIGTERM/SIGINT writes before the run stops."""
+    """Write a checkpoint every N RL (or rm) steps (model, optimizer, RNG, data cursor, schedule, metrics offset,
+    config); 0: none, except the one a SIGTERM/SIGINT writes before the run stops."""
     keep: int = 2
     """Newest checkpoints kept on disk; older ones are deleted once a newer one is complete."""
     grace_s: float = 300.0
@@ -545,10 +545,11 @@ class RunConfig:
     pin_cpus: bool = True
     """CPU: pin learner ranks and engine ranks to separate cores."""
     resume: str = ""
-    """Continue an RL run from a checkpoint: ``auto`` (the newest complete one under
-    ``<logging.out_dir>/checkpoints``; a fresh start if there is none) or the checkpoint's directory. Empty: start
-    afresh. Fields that decide the run's numbers (model, data, algorithm except ``steps``, reward, seeds, precision)
-    must equal the checkpoint's; the learner's TP/PP/DP may differ."""
+    """Continue an RL or reward-model run (mode=rl, mode=rm) from a checkpoint: ``auto`` (the newest complete one
+    under ``<logging.out_dir>/checkpoints``; a fresh start if there is none) or the checkpoint's directory. Empty:
+    start afresh. Fields that decide the run's numbers (model, data, algorithm except ``steps``, reward, seeds,
+    precision; mode=rm: rm except ``steps``, ``eval_every`` and ``micro_batch``) must equal the checkpoint's; the
+    learner's TP/PP/DP may differ."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -580,7 +581,7 @@ class RunConfig:
         self.rollout.validate()
         self.checkpoint.validate()
         self.logging.validate()
-        if self.checkpoint.every % self.algorithm.off_policy_n:
+        if self.mode == "rl" and self.checkpoint.every % self.algorithm.off_policy_n:
             raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of algorithm.off_policy_n="
                               f"{self.algorithm.off_policy_n}: checkpoints fall between rounds")
         if self.sft.steps < 0 or self.sft.batch_size < 1 or not self.sft.lr > 0:
@@ -594,8 +595,9 @@ class RunConfig:
         if (self.mode == "sft" or (self.mode == "rl" and self.sft.steps)) and self.sft.batch_size < dp:
             raise ConfigError(f"sft.batch_size={self.sft.batch_size} < cluster.learner_dp={dp}: each data-parallel "
                               "replica trains rows of a batch. Fix: raise sft.batch_size or lower cluster.learner_dp")
-        if self.resume and self.mode != "rl":
-            raise ConfigError(f"resume={self.resume!r} continues RL runs only (mode=rl), not mode={self.mode}")
+        if self.resume and self.mode not in ("rl", "rm"):
+            raise ConfigError(f"resume={self.resume!r} continues RL and reward-model runs (mode=rl, mode=rm), not "
+                              f"mode={self.mode}")
         if self.eval.every < 0 or self.eval.max_new_tokens < 0:
             raise ConfigError("eval.every and eval.max_new_tokens must be >= 0")
         if self.eval.win_rate_against not in ("initial", "answers"):

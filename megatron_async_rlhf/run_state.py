@@ -1,4 +1,5 @@
-"""Full RL checkpoints: everything a run needs to continue exactly where it stopped; finding and checking one.
+"""Full checkpoints of RL runs (and of reward-model runs, ``modes/rm.py``): everything a run needs to continue
+exactly where it stopped; finding and checking one.
 
 ```
 <logging.out_dir>/checkpoints/
@@ -11,6 +12,10 @@
         batch.json     async runs only: the round older weights generated before the checkpoint (schedules/rounds.py)
         manifest.json  sha256 and size of every file above, written last (``learner/manifest.py``)
 ```
+
+A mode=rm checkpoint is ``model/`` (the scalar-head model + its optimizer), ``run_state.json``, ``rng.json`` (the
+data order: its ``Random`` state and the rest of the epoch, and the RNG states) and ``manifest.json``, with the same
+writer (``save_checkpoint``) and reader (``restore_learner``); no reference.
 
 No file of the project's own is a pickle: state files are JSON (tensors and arrays as hex bytes, dataclasses only of
 the few types a checkpoint holds), so a checkpoint from elsewhere cannot run code when loaded. Files are fsynced
@@ -48,6 +53,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 FIXED = ("mode", "seed", "model", "data", "sft", "algorithm", "reward", "rollout.seed", "rollout.dtype",
          "learner.precision", "learner.distributed_optimizer")
 MAY_CHANGE = ("algorithm.steps", "algorithm.micro_batch", "reward.policy_format")  # policy_format: derived from data.*
+# mode=rm: its own section instead of the RL ones; rm.steps may change (a linear schedule then decays over the new
+# total from the resumed step on)
+RM_FIXED = ("mode", "seed", "model", "data", "rm", "learner.precision", "learner.distributed_optimizer")
+RM_MAY_CHANGE = ("rm.steps", "rm.eval_every", "rm.micro_batch")
 
 
 def checkpoints_dir(out_dir: str) -> str:
@@ -84,7 +93,7 @@ def check_fresh_start(cfg) -> None:
         return
     found = step_dirs(cfg.logging.out_dir)
     if found:
-        way = "resume=auto to continue it, " if cfg.mode == "rl" else ""
+        way = "resume=auto to continue it, " if cfg.mode in ("rl", "rm") else ""
         raise ConfigError(
             f"logging.out_dir={cfg.logging.out_dir} holds the checkpoints of an earlier run ({len(found)} under "
             f"{checkpoints_dir(cfg.logging.out_dir)}, newest step {found[-1][0]}) and resume is unset. Fix: {way}a "
@@ -126,12 +135,13 @@ def find_resume(cfg) -> str:
         if problem is not None:
             raise ConfigError(f"resume={cfg.resume!r} is not an intact checkpoint: {problem}. Fix: name another "
                               "checkpoints/step_* directory, or resume=auto for the newest intact one")
+    state = read_run_state(path)
     reference = os.path.join(os.path.dirname(path), REFERENCE)
-    problem = manifest.verify(reference)
+    problem = manifest.verify(reference) if state["config"].get("mode") != "rm" else None  # rm: no reference
     if problem is not None:
         raise ConfigError(f"resume from {path}: the reference policy beside it is not intact: {problem}. Fix: "
                           "restore it, or start a new run in a new logging.out_dir")
-    check_compatible(read_run_state(path), cfg, path)
+    check_compatible(state, cfg, path)
     return path
 
 
@@ -150,15 +160,18 @@ def check_compatible(state: dict, cfg, path: str) -> None:
     import dataclasses
 
     saved, now = _flat(state["config"]), _flat(dataclasses.asdict(cfg))
+    rm = cfg.mode == "rm" and saved.get("mode") == "rm"
+    fixed_, may_change = (RM_FIXED, RM_MAY_CHANGE) if rm else (FIXED, MAY_CHANGE)
     fixed = [k for k in sorted(set(saved) | set(now))
-             if any(k == p or k.startswith(p + ".") for p in FIXED) and k not in MAY_CHANGE]
+             if any(k == p or k.startswith(p + ".") for p in fixed_) and k not in may_change]
     bad = [f"{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in fixed if saved.get(k) != now.get(k)]
     if bad:
         raise ConfigError(f"resume from {path}: {'; '.join(bad)}. These must not change across a resume. Fix: set "
                           "them back to the checkpoint's values, or start a new run in another logging.out_dir")
-    if cfg.algorithm.steps < state["step"]:
-        raise ConfigError(f"resume from {path}: algorithm.steps={cfg.algorithm.steps} is below the checkpoint's step "
-                          f"{state['step']}. Fix: algorithm.steps >= {state['step']}")
+    name, steps = ("rm.steps", cfg.rm.steps) if rm else ("algorithm.steps", cfg.algorithm.steps)
+    if steps < state["step"]:
+        raise ConfigError(f"resume from {path}: {name}={steps} is below the checkpoint's step "
+                          f"{state['step']}. Fix: {name} >= {state['step']}")
 
 
 def sampling_seed(run_seed: int, rollout_seed: int, batch: int) -> int:
@@ -338,15 +351,30 @@ def save(cfg, step: int, schedule, prompts: PromptStream, policy, ref, critic=No
     Collective over the learner pool. ``policy``: model, optimizer, layout; ``controller``: the controller's own
     state (metrics, evaluation), None on other ranks. A failed write (a full disk) raises CheckpointError and leaves
     every earlier checkpoint as it was."""
+    sched_state, batch = schedule.checkpoint_state()  # the round in flight, if older weights generated it
+    run = None if controller is None else {"schedule": sched_state, **controller}
+    # the data cursor: the prompt stream before the first round the checkpoint does not hold
+    cursor_state = prompts.state_before(sched_state["version"] // cfg.algorithm.off_policy_n + (batch is not None))
+    models = {MODEL: (policy.model, policy.opt)}
+    if critic is not None:
+        models[CRITIC] = (critic.model, critic.opt)
+    return save_checkpoint(cfg, step, policy.info, policy.mcfg.raw, models, run, cursor_state,
+                           {BATCH: batch} if batch is not None else {}, reference=ref)
+
+
+def save_checkpoint(cfg, step: int, info, hf_config_raw: dict, models: dict, run: dict | None, data_cursor,
+                    files: dict | None = None, reference=None) -> str:
+    """Write checkpoint ``step`` of any mode atomically, then keep only the newest ``checkpoint.keep``. Collective
+    over the learner pool. ``models``: directory name -> (model, optimizer), megatron dist checkpoints; ``run``: the
+    controller's state for ``run_state.json`` (None on other ranks); ``data_cursor``: the data's position (JSON
+    state, in ``rng.json`` with every rank's RNG states); ``files``: more state files, name -> state (rank 0's);
+    ``reference``: a frozen model written once beside the checkpoints. A failed write (a full disk) raises
+    CheckpointError and leaves every earlier checkpoint as it was."""
     import torch.distributed as dist
 
     from megatron_async_rlhf.learner import checkpoint as ckpt
 
-    sched_state, batch = schedule.checkpoint_state()  # the round in flight, if older weights generated it
-    run = {} if controller is None else {"schedule": sched_state, **controller, "config": dataclasses.asdict(cfg)}
-    # the data cursor: the prompt stream before the first round the checkpoint does not hold
-    cursor_state = prompts.state_before(sched_state["version"] // cfg.algorithm.off_policy_n + (batch is not None))
-    model, optimizer, info, hf_config_raw = policy.model, policy.opt, policy.info, policy.mcfg.raw
+    run = {} if run is None else {**run, "config": dataclasses.asdict(cfg)}
     out_dir, keep = cfg.logging.out_dir, cfg.checkpoint.keep
     t0 = time.perf_counter()
     root = checkpoints_dir(out_dir)
@@ -355,22 +383,19 @@ def save(cfg, step: int, schedule, prompts: PromptStream, policy, ref, critic=No
     dist.broadcast_object_list(box, src=0)
     tmp = box[0]
     try:
-        reference = os.path.join(root, REFERENCE)
-        if not os.path.exists(os.path.join(reference, manifest.MANIFEST)):  # never changes: written once
-            ckpt.save_model(ref, info, hf_config_raw, reference)
-        ckpt.save_model(model, info, hf_config_raw, os.path.join(tmp, MODEL), optimizer=optimizer, atomic=False)
-        if critic is not None:
-            ckpt.save_model(critic.model, info, hf_config_raw, os.path.join(tmp, CRITIC), optimizer=critic.opt,
-                            atomic=False)
+        ref_dir = os.path.join(root, REFERENCE)
+        if reference is not None and not os.path.exists(os.path.join(ref_dir, manifest.MANIFEST)):  # written once
+            ckpt.save_model(reference, info, hf_config_raw, ref_dir)
+        for name, (model, optimizer) in models.items():
+            ckpt.save_model(model, info, hf_config_raw, os.path.join(tmp, name), optimizer=optimizer, atomic=False)
         rngs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(capture_rng(), rngs, dst=0)
         if dist.get_rank() == 0:
-            files = {RNG: {"data_cursor": cursor_state, "ranks": rngs}}
-            if batch is not None:
-                files[BATCH] = batch
-            files[RUN_STATE] = {**run, "step": step, "batch_saved": batch is not None, "learner_world": len(rngs),
+            extra = dict(files or {})
+            state = {RNG: {"data_cursor": data_cursor, "ranks": rngs}, **extra}
+            state[RUN_STATE] = {**run, "step": step, "batch_saved": BATCH in extra, "learner_world": len(rngs),
                                 "layout": {"tp": info.tp, "pp": info.pp}, "created": time.time()}
-            write_checkpoint(tmp, final, step, files, out_dir, keep)
+            write_checkpoint(tmp, final, step, state, out_dir, keep)
             log.info("checkpoint %s written in %.2f s", final, time.perf_counter() - t0)
     except BaseException as e:  # noqa: B036 -- torch's CheckpointException (a full disk on a rank) is a BaseException
         from torch.distributed.checkpoint.api import CheckpointException
@@ -458,19 +483,27 @@ def read_state_files(path: str, batch_saved: bool) -> tuple[dict, object]:
 def load(path: str, policy, ref, prompts: PromptStream) -> tuple[dict, object]:
     """Restore weights, optimizer, reference, RNG and the prompt stream from checkpoint ``path`` (collective over the
     learner pool, at any layout); returns what the schedule resumes from: (its state, the saved round or None)."""
+    state = read_run_state(path)
+    rng, batch = read_state_files(path, state["batch_saved"])  # refused before any weight is read if not JSON
+    restore_learner(path, rng, {MODEL: (policy.model, policy.opt)}, reference=ref)
+    prompts.rng.setstate(tuple(rng["data_cursor"]))
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return state["schedule"], batch
+
+
+def restore_learner(path: str, rng: dict, models: dict, reference=None) -> None:
+    """Load ``models`` (directory name -> (model, optimizer)) of checkpoint ``path``, the ``reference`` beside it, and
+    this rank's RNG states from ``rng`` (its ``rng.json``). Collective over the learner pool, at any layout."""
     import torch.distributed as dist
 
     from megatron_async_rlhf.learner import checkpoint as ckpt
 
-    state = read_run_state(path)
-    rng, batch = read_state_files(path, state["batch_saved"])  # refused before any weight is read if not JSON
-    ckpt.load_model(policy.model, os.path.join(path, MODEL), policy.opt)
-    ckpt.load_model(ref, os.path.join(os.path.dirname(path), REFERENCE))
+    for name, (model, optimizer) in models.items():
+        ckpt.load_model(model, os.path.join(path, name), optimizer)
+    if reference is not None:
+        ckpt.load_model(reference, os.path.join(os.path.dirname(path), REFERENCE))
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != len(rng["ranks"]):
         log.info("learner layout changed (%d -> %d ranks): every rank takes rank 0's saved RNG states",
                  len(rng["ranks"]), world)
     restore_rng(rng["ranks"][rank if world == len(rng["ranks"]) else 0])
-    prompts.rng.setstate(tuple(rng["data_cursor"]))
-    log.info("resumed from %s (step %d)", path, state["step"])
-    return state["schedule"], batch

@@ -10,6 +10,11 @@ No rollout engine is started: the world is the learner pool (``cluster.learner_t
 ``cluster.rollout_*`` are ignored. Each data-parallel replica trains on its share of every batch of pairs. The run's
 last line is ``rm_accuracy=<held-out pairwise accuracy>``.
 
+Checkpoints and resume work as in mode=rl (``run_state.py``): every ``checkpoint.every`` steps, and after the step in
+which a first SIGTERM/SIGINT arrived (the run then exits 0), ``checkpoints/step_N`` holds the model and its optimizer,
+the data order (``rng.json``: its ``Random`` state and the rest of the epoch) and the run state (step, metrics rows,
+the accuracy before training); ``resume=auto`` or ``resume=PATH`` continues exactly, to the same held-out accuracy.
+
 A batch is ``rm.batch_size`` comparison groups (``data.preferences.comparison_groups``): the pairs that share a
 response. With one pair per prompt that is pairs; with all the comparisons among a prompt's k responses (the chat
 pipeline's training pairs) each response is forwarded once per step for its k-1 comparisons, InstructGPT's
@@ -36,8 +41,15 @@ log = logging.getLogger("megatron_async_rlhf")
 
 def main(cfg: RunConfig, model_path: str) -> int:
     """Launch a learner-only world and run :func:`job` on it."""
-    summary = launch(cfg, job, model_path, "rm", learners_only=True)
+    if cfg.resume:  # a missing, damaged or incompatible checkpoint is a ConfigError before any process starts
+        from megatron_async_rlhf.run_state import find_resume
+
+        find_resume(cfg)
+    summary = launch(cfg, job, model_path, "rm", learners_only=True, stop_grace_s=cfg.checkpoint.grace_s)
     if summary is None:  # a non-controller rank under torchrun
+        return 0
+    if "stopped_after_step" in summary:
+        print(f"rm_stopped_after_step={summary['stopped_after_step']} checkpoint={summary['checkpoint']}", flush=True)
         return 0
     print(f"rm_accuracy={summary['rm_accuracy']:.4f} rm_accuracy_before={summary['rm_accuracy_before']:.4f} "
           f"eval_pairs={summary['eval_pairs']} export={summary['export']}", flush=True)
@@ -45,6 +57,9 @@ def main(cfg: RunConfig, model_path: str) -> int:
 
 
 def job(cfg_dict: dict, model_path: str, session: str = "rm", world_size: int | None = None) -> dict | None:
+    from megatron_async_rlhf.preemption import install_handlers
+
+    install_handlers()  # a first SIGTERM/SIGINT stops the run after its current step, checkpointed
     cfg, ctx = join_launch(cfg_dict, session, world_size)
     if ctx is None:
         return None
@@ -167,10 +182,13 @@ class RewardModelTraining:
     def __init__(self, cfg: RunConfig, ctx, model_path: str):
         from transformers import AutoTokenizer
 
+        from megatron_async_rlhf import run_state
         from megatron_async_rlhf.data.preferences import comparison_groups, rm_pad_token_id
         from megatron_async_rlhf.weights.llama_config import read_config
 
         self.cfg, self.ctx, self.model_path = cfg, ctx, model_path
+        # saved: the checkpoint's run state, or None (a fresh run); refused here, before the model is built
+        self.resume_path, self.saved = run_state.open_run(cfg, ctx.is_controller)
         tok = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = rm_pad_token_id(tok)
         max_positions = read_config(model_path).max_position_embeddings
@@ -178,7 +196,7 @@ class RewardModelTraining:
         self.groups = [[self.train_pairs[i] for i in g] for g in comparison_groups(self.train_pairs)]
         self.rng = random.Random(cfg.seed)  # the same on every rank: every replica draws the same batch
         self._order: list[int] = []
-        self.metrics = open_metrics(cfg, ctx, cfg.rm.steps)
+        self.metrics = open_metrics(cfg, ctx, cfg.rm.steps, self.saved and self.saved["metrics"])
 
     def _next_batch(self) -> list[list]:
         """``rm.batch_size`` comparison groups, epoch by epoch in a shuffled order."""
@@ -189,6 +207,38 @@ class RewardModelTraining:
                 self.rng.shuffle(self._order)
             out.append(self.groups[self._order.pop()])
         return out
+
+    def data_cursor(self) -> dict:
+        """The data order's position (JSON state): its ``Random`` and the groups left in the current epoch."""
+        return {"rng": self.rng.getstate(), "order": list(self._order)}
+
+    def set_data_cursor(self, cursor: dict) -> None:
+        self.rng.setstate(tuple(cursor["rng"]))
+        self._order = [int(i) for i in cursor["order"]]
+        if any(not 0 <= i < len(self.groups) for i in self._order):
+            raise ConfigError(f"checkpoint {self.resume_path}: its data order names comparison groups beyond the "
+                              f"{len(self.groups)} of data.* (the data changed?)")
+
+    def checkpoint(self, step: int, model, opt, info, mcfg, acc0: float, train_s: float) -> str:
+        """Checkpoint ``step`` (collective over the learner pool): model + optimizer, data order, RNG, run state."""
+        from megatron_async_rlhf import run_state
+
+        run = {"metrics": self.metrics.state(), "rm_accuracy_before": acc0, "train_s": train_s} \
+            if self.ctx.is_controller else None
+        return run_state.save_checkpoint(self.cfg, step, info, mcfg.raw, {run_state.MODEL: (model, opt)}, run,
+                                         self.data_cursor())
+
+    def restore(self, model, opt) -> tuple[int, float, float]:
+        """(step, accuracy before training, training seconds so far) of the checkpoint resumed from; model,
+        optimizer, RNG and the data order restored (collective over the learner pool)."""
+        from megatron_async_rlhf import run_state
+
+        rng = run_state.read_state_file(os.path.join(self.resume_path, run_state.RNG))  # JSON, or refused
+        self.set_data_cursor(rng["data_cursor"])
+        run_state.restore_learner(self.resume_path, rng, {run_state.MODEL: (model, opt)})
+        step = self.saved["step"]
+        log.info("resumed from %s (step %d)", self.resume_path, step)
+        return step, self.saved["rm_accuracy_before"], self.saved["train_s"]
 
     def evaluate(self, model, step: int, dp: int, dp_rank: int) -> float:
         """Held-out pairwise accuracy (and loss), logged by the controller; every rank gets the accuracy."""
@@ -212,6 +262,7 @@ class RewardModelTraining:
         from megatron_async_rlhf.learner.parallel import ranks
         from megatron_async_rlhf.learner.train import OptimConfig, set_lr, wrap_for_training
         from megatron_async_rlhf.learner.build import value_model_from_hf
+        from megatron_async_rlhf.preemption import stop_agreed
 
         cfg, rc = self.cfg, self.cfg.rm
         mcfg, model, info = value_model_from_hf(self.model_path, cfg.cluster.learner_tp, cfg.cluster.learner_pp,
@@ -221,9 +272,12 @@ class RewardModelTraining:
         ddp, opt = wrap_for_training(model, oc)
         dp, dp_rank = ranks()["dp"], ranks()["dp_rank"]
         try:
-            acc0 = self.evaluate(model, 0, dp, dp_rank)
-            t0 = time.perf_counter()
-            for step in range(1, rc.steps + 1):
+            if self.saved:
+                done, acc0, train_s = self.restore(model, opt)
+            else:
+                done, acc0, train_s = 0, self.evaluate(model, 0, dp, dp_rank), 0.0
+            t0 = time.perf_counter() - train_s
+            for step in range(done + 1, rc.steps + 1):
                 lr = set_lr(opt, rc.lr, rc.lr_schedule, step - 1, rc.steps, rc.warmup_steps)
                 batch = self._next_batch()
                 m = bradley_terry_step(ddp, opt, batch[dp_rank::dp], rc.micro_batch, sum(map(len, batch)))
@@ -232,6 +286,12 @@ class RewardModelTraining:
                     self.metrics.log(step, "rm", **m)
                 if rc.eval_every and step % rc.eval_every == 0 and step < rc.steps:
                     self.evaluate(model, step, dp, dp_rank)
+                stop = stop_agreed(self.ctx.store)  # a SIGTERM/SIGINT anywhere: every learner rank stops here
+                if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    path = self.checkpoint(step, model, opt, info, mcfg, acc0, time.perf_counter() - t0)
+                if stop:
+                    log.warning("stopped after rm step %d; continue with resume=auto", step)
+                    return {"stopped_after_step": step, "checkpoint": path} if self.ctx.is_controller else None
             train_s = time.perf_counter() - t0
             acc1 = self.evaluate(model, rc.steps, dp, dp_rank)
             out = self.export(model, info, mcfg, "final")
