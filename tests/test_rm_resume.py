@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 40 training pairs (~33 comparison groups) / 8 a step: an epoch ends inside the run; checkpoints at 5, 10, 15
 STEPS, EVERY, STOP_AFTER = 16, 5, 3
 COMMON = ["mode=rm", "logging.wandb_mode=disabled", "pin_cpus=false", "cluster.learner_dp=2", f"rm.steps={STEPS}",
-          "rm.eval_every=4", "rm.lr=2e-3", "rm.lr_schedule=linear", "rm.batch_size=8", "rm.micro_batch=8",
+          "rm.eval_every=4", "rm.lr=7e-4", "rm.lr_schedule=linear", "rm.batch_size=8", "rm.micro_batch=8",
           "data.train_size=40", "data.eval_size=24", f"checkpoint.every={EVERY}", "checkpoint.keep=3"]
 
 
@@ -148,7 +148,7 @@ def test_rm_checkpoint_resume_path_and_the_fields_it_fixes(runs):
     # what does not decide the numbers may change: the layout, evaluation cadence, micro-batch, length of the run
     assert find_resume(_cfg(*base, f"resume={path}", "cluster.learner_dp=1", "rm.eval_every=0", "rm.micro_batch=4",
                             "rm.steps=30", "checkpoint.every=2")) == path
-    with pytest.raises(ConfigError, match=r"rm\.lr=0\.001 \(checkpoint: 0\.002\)"):
+    with pytest.raises(ConfigError, match=r"rm\.lr=0\.001 \(checkpoint: 0\.0007\)"):
         find_resume(_cfg(*base, f"resume={path}", "rm.lr=1e-3"))
     with pytest.raises(ConfigError, match=r"data\.train_size=32 \(checkpoint: 40\)"):
         find_resume(_cfg(*base, f"resume={path}", "data.train_size=32"))
