@@ -80,7 +80,7 @@ def complete_checkpoints(out_dir: str) -> list[tuple[int, str]]:
 def read_run_state(path: str) -> dict:
     """``run_state.json``: plain JSON (the controller's own state as it gave it), refused if it is anything else."""
     state = read_state_file(os.path.join(path, RUN_STATE), tagged=False)
-    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+    if not isinstance(state, dict) or "step" not in state or not isinstance(state.get("config"), dict):
         raise ConfigError(f"checkpoint file {os.path.join(path, RUN_STATE)} holds no run state; refused. Fix: resume "
                           "from a checkpoint this project wrote")
     return state
