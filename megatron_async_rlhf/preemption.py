@@ -49,7 +49,8 @@ def stop_agreed(store=None) -> bool:
     import torch.distributed as dist
 
     local = bool(_signalled) or (store is not None and store.check([STOP_KEY]))
-    flag = torch.tensor([1.0 if local else 0.0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the learner pool's group is NCCL on GPUs
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 

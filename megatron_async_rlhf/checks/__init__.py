@@ -12,9 +12,10 @@ def preflight(cfg, model_path: str, cuda: bool = False) -> None:
     if cfg.mode == "rm":  # preference pairs instead of prompts
         from megatron_async_rlhf.checks.preferences import check_preferences
 
-        return check_preferences(cfg, model_path, mc.max_position_embeddings, mc.vocab_size)
-    check_data(cfg, model_path, mc.vocab_size)
-    if cfg.resume:  # the checkpoint exists and the config changes nothing that must not change
+        check_preferences(cfg, model_path, mc.max_position_embeddings, mc.vocab_size)
+    else:
+        check_data(cfg, model_path, mc.vocab_size)
+    if cfg.resume:  # the checkpoint exists, is intact, and the config changes nothing that must not change
         from megatron_async_rlhf.run_state import find_resume
 
         find_resume(cfg)

@@ -126,7 +126,9 @@ def export_policy(cfg: RunConfig, ctx, policy: Policy, model_path: str, name: st
     from megatron_async_rlhf.weights.gather import full_hf_state_dict
     from megatron_async_rlhf.weights.hf_io import save_hf
 
-    bad = torch.tensor([0.0 if all(torch.isfinite(p).all() for p in policy.model.parameters()) else 1.0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the learner pool's group is NCCL on GPUs
+    bad = torch.tensor([0.0 if all(torch.isfinite(p).all() for p in policy.model.parameters()) else 1.0],
+                       device=device)
     dist.all_reduce(bad)
     if bad.item():
         raise NonFiniteLoss(f"policy weights are not finite; not exporting {name!r}: the last export on disk is "

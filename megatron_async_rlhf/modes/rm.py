@@ -40,11 +40,7 @@ log = logging.getLogger("megatron_async_rlhf")
 
 
 def main(cfg: RunConfig, model_path: str) -> int:
-    """Launch a learner-only world and run :func:`job` on it."""
-    if cfg.resume:  # a missing, damaged or incompatible checkpoint is a ConfigError before any process starts
-        from megatron_async_rlhf.run_state import find_resume
-
-        find_resume(cfg)
+    """Launch a learner-only world and run :func:`job` on it (the preflight has checked a ``resume`` checkpoint)."""
     summary = launch(cfg, job, model_path, "rm", learners_only=True, stop_grace_s=cfg.checkpoint.grace_s)
     if summary is None:  # a non-controller rank under torchrun
         return 0
