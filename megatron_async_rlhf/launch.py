@@ -17,6 +17,7 @@ import atexit
 import datetime
 import os
 import queue
+import secrets
 import socket
 import sys
 import time
@@ -85,10 +86,22 @@ def _worker(rank: int, world: int, port: int, jobs, results, threads: int, pg_ti
             results.put((rank, "ok", fn(*args, **kwargs)))
         except BaseException:
             results.put((rank, "error", traceback.format_exc()))
-    if "megatron_async_rlhf.rollout.server" in sys.modules:
-        sys.modules["megatron_async_rlhf.rollout.server"].close_engines()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    release_rank()
+
+
+def release_rank() -> None:
+    """End a rank's job cleanly, before the interpreter exits: its rollout engine shut down (vLLM's engine core and
+    worker processes stopped and joined, its threads and sockets closed) and its default group destroyed. Left to
+    interpreter exit, a vLLM thread can wake inside C++ code after finalization began and abort the process
+    ("terminate called without an active exception", SIGABRT), and vLLM's 5 s default grace kills its own workers."""
+    import torch.distributed as dist
+
+    try:
+        if "megatron_async_rlhf.rollout.server" in sys.modules:
+            sys.modules["megatron_async_rlhf.rollout.server"].close_engines()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class WorkerGroup:
@@ -104,6 +117,11 @@ class WorkerGroup:
         self.timeout_s = timeout_s  # None: a job may run as long as it runs
         self.grace_s = grace_s
         self._stop_deadline: float | None = None
+        from megatron_async_rlhf.rollout.weight_stream import RUN_ID_ENV
+
+        # the run's id, in the name of every shared-memory file its ranks make (rollout/weight_stream.py)
+        self.run_id = (env or {}).get(RUN_ID_ENV) or secrets.token_hex(6)
+        env = {**(env or {}), RUN_ID_ENV: self.run_id}
         ctx = mp.get_context("spawn")
         wait_s = timeout_s or _NO_LIMIT_STORE_S  # how long one store or collective operation may wait
         self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
@@ -198,6 +216,10 @@ class WorkerGroup:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
+        if self._procs:  # a rank killed (kill -9, the OOM killer, or by us) leaves its shared memory: remove it
+            from megatron_async_rlhf.rollout.weight_stream import sweep_stale_shm
+
+            sweep_stale_shm(self.run_id)
         self._procs = []
 
     def __enter__(self):
@@ -241,7 +263,10 @@ def run_distributed(world: int, fn: Callable, *args, timeout_s: float | None = 6
                                     timeout=datetime.timedelta(seconds=timeout_s or _NO_LIMIT_STORE_S))
         out: list[Any] = [None] * world
         # the launch's rank: a job may leave this process in a smaller default group (an engine's 1-rank one) or none
-        out[int(os.environ["RANK"])] = fn(*args, **kwargs)
+        try:
+            out[int(os.environ["RANK"])] = fn(*args, **kwargs)
+        finally:
+            release_rank()
         return out
     with WorkerGroup(world, timeout_s=timeout_s, default_group=default_group) as group:
         if stop_grace_s is None:

@@ -22,6 +22,8 @@ from megatron_async_rlhf.rollout.base import (EngineSettings, RolloutBackend, Sa
 
 log = logging.getLogger(__name__)
 
+_SHUTDOWN_S = 60  # close(): the engine core's own exit; its workers get half of it
+
 
 @register_backend("vllm")
 class VLLMBackend(RolloutBackend):
@@ -36,6 +38,8 @@ class VLLMBackend(RolloutBackend):
             # vLLM's CPU workers bind one NUMA node each by default ("Not enough allowed NUMA nodes"): share the cores
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # how long the engine core waits for its workers to exit before it signals them (see close)
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", str(_SHUTDOWN_S // 2))
         # vLLM's own import-time deprecation noise, and its note that rotary embeddings have no weights to reload
         warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated")
         from vllm import LLM, envs
@@ -133,8 +137,10 @@ class VLLMBackend(RolloutBackend):
             ring.close()
 
     def close(self) -> None:
-        """Shut the engine down now, while the process groups it was built on still exist."""
-        try:
-            self.llm.llm_engine.engine_core.shutdown()
-        finally:
-            self.llm = None
+        """Shut the engine down now, while the process groups it was built on still exist, and wait for it: in
+        multi-process mode the engine core stops its workers and exits on its own (each spends seconds in interpreter
+        exit on a busy CPU machine; vLLM's 5 s default then kills them, which leaves their shared memory in
+        /dev/shm)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown(timeout=_SHUTDOWN_S)
