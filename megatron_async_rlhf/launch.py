@@ -117,7 +117,7 @@ class WorkerGroup:
         self.timeout_s = timeout_s  # None: a job may run as long as it runs
         self.grace_s = grace_s
         self._stop_deadline: float | None = None
-        from megatron_async_rlhf.rollout.weight_stream import RUN_ID_ENV
+        from megatron_async_rlhf.weights.shm import RUN_ID_ENV
 
         # the run's id, in the name of every shared-memory file its ranks make (rollout/weight_stream.py)
         self.run_id = (env or {}).get(RUN_ID_ENV) or secrets.token_hex(6)
@@ -217,7 +217,7 @@ class WorkerGroup:
                 p.kill()
                 p.join(timeout=10)
         if self._procs:  # a rank killed (kill -9, the OOM killer, or by us) leaves its shared memory: remove it
-            from megatron_async_rlhf.rollout.weight_stream import sweep_stale_shm
+            from megatron_async_rlhf.weights.shm import sweep_stale_shm
 
             sweep_stale_shm(self.run_id)
         self._procs = []

@@ -13,8 +13,9 @@ import pytest
 
 from megatron_async_rlhf.launch import WorkerError, WorkerGroup
 from megatron_async_rlhf.rollout import weight_stream as ws
+from megatron_async_rlhf.weights import shm
 
-SHM = ws._SHM_DIR
+SHM = shm.SHM_DIR
 
 # a process that allocates two buckets through the real allocator, reports their paths, then waits for stdin to close
 OWNER = textwrap.dedent("""
@@ -43,10 +44,10 @@ def test_killed_owners_files_are_swept_live_owners_kept():
         assert len(dead_paths) == 2 and all(os.path.exists(p) for p in dead_paths + live_paths)
         dead_lock = dead_paths[0].rsplit("-", 1)[0] + ".lock"
         assert os.path.exists(dead_lock)
-        assert not any(p in ws.sweep_stale_shm() for p in dead_paths + live_paths)  # both alive: nothing removed
+        assert not any(p in shm.sweep_stale_shm() for p in dead_paths + live_paths)  # both alive: nothing removed
         dead.kill()
         dead.wait()
-        removed = ws.sweep_stale_shm()
+        removed = shm.sweep_stale_shm()
         assert sorted(dead_paths + [dead_lock]) == sorted(p for p in removed if p in dead_paths + [dead_lock])
         assert not any(os.path.exists(p) for p in dead_paths + [dead_lock])
         assert all(os.path.exists(p) for p in live_paths)
@@ -65,7 +66,7 @@ def test_a_reused_pid_does_not_keep_a_dead_runs_files():
     for n in names:
         open(os.path.join(SHM, n), "wb").close()
     try:
-        removed = ws.sweep_stale_shm()
+        removed = shm.sweep_stale_shm()
         assert sorted(os.path.join(SHM, n) for n in names) == sorted(p for p in removed if "deadrun" in p)
     finally:
         for n in names:
@@ -73,27 +74,17 @@ def test_a_reused_pid_does_not_keep_a_dead_runs_files():
                 os.unlink(os.path.join(SHM, n))
 
 
-def _alloc_and_wait(rank: int, hold_s: float):
-    """Rank 0 holds two buckets (an engine leader mid-sync); rank 1 dies with SIGKILL (a learner rank killed)."""
-    if rank == 0:
+def _job(hold_s: float, kill_self: bool = False):
+    """Rank 0 holds two buckets (an engine leader mid-sync) for ``hold_s``; rank 1 dies by SIGKILL (a learner rank
+    killed). ``kill_self``: rank 0 is killed while it holds them."""
+    if int(os.environ["RANK"]) == 0:
         keep = [ws.shm_alloc(1 << 16), ws.shm_alloc(1 << 10)]
+        if kill_self:
+            os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(hold_s)
         return len(keep)
     time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _rank() -> int:
-    return int(os.environ["RANK"])
-
-
-def _job(hold_s: float, kill_self: bool = False):
-    rank = _rank()
-    if kill_self:  # the rank holding the buffers is the one killed
-        keep = [ws.shm_alloc(1 << 16)]
-        os.kill(os.getpid(), signal.SIGKILL)
-        return keep
-    return _alloc_and_wait(rank, hold_s)
 
 
 @pytest.mark.multiproc

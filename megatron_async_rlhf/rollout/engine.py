@@ -56,7 +56,7 @@ class VLLMBackend(RolloutBackend):
             import sys
 
             from megatron_async_rlhf.rollout import reaper
-            from megatron_async_rlhf.rollout.weight_stream import run_id
+            from megatron_async_rlhf.weights.shm import run_id
 
             self._reaper = subprocess.Popen([sys.executable, reaper.__file__, str(os.getpid()), run_id()],
                                             stdin=subprocess.DEVNULL)
