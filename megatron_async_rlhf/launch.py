@@ -8,7 +8,9 @@ rank raises, its traceback is raised here and the group is torn down (the other 
 if a rank dies or the job exceeds ``timeout_s`` (None: no limit), the same. Never a silent hang. The store binds its
 own port (port 0: the kernel picks a free one while the store holds it), so no other process can take it between a
 probe and the bind. Workers die with this process
-(``preemption.die_with_parent``), even when it is killed with SIGKILL.
+(``preemption.die_with_parent``), even when it is killed with SIGKILL. Shared-memory files that killed workers leave
+are removed when the group closes (the group's run id is in their names: ``weights/shm.py``); a job's rank, here or
+under torchrun, shuts its engine down before it exits (``release_rank``).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class WorkerGroup:
         self._stop_deadline: float | None = None
         from megatron_async_rlhf.weights.shm import RUN_ID_ENV
 
-        # the run's id, in the name of every shared-memory file its ranks make (rollout/weight_stream.py)
+        # the run's id, in the name of every shared-memory file its ranks make (weights/shm.py)
         self.run_id = (env or {}).get(RUN_ID_ENV) or secrets.token_hex(6)
         env = {**(env or {}), RUN_ID_ENV: self.run_id}
         ctx = mp.get_context("spawn")
