@@ -13,6 +13,7 @@ import pytest
 
 from megatron_async_rlhf.launch import WorkerError, WorkerGroup
 from megatron_async_rlhf.rollout import weight_stream as ws
+from megatron_async_rlhf.rollout.reaper import descendants, mapped_shm
 from megatron_async_rlhf.weights import shm
 
 SHM = shm.SHM_DIR
@@ -167,8 +168,6 @@ ENGINE_RANK = textwrap.dedent("""
 
 
 def _tree(root: int) -> list[int]:
-    from megatron_async_rlhf.rollout.reaper import descendants
-
     return sorted(descendants(root, exclude=-1))
 
 
@@ -188,7 +187,10 @@ def test_kill_9_of_a_multiprocess_engines_rank_leaves_nothing(tmp_path, tiny_mod
         procs = [p for p in _tree(rank.pid) if "reaper" not in open(f"/proc/{p}/cmdline").read()]
         names = {p: open(f"/proc/{p}/comm").read().strip() for p in procs}
         assert sorted(names.values())[:3] == ["VLLM::EngineCor", "VLLM::Worker_TP", "VLLM::Worker_TP"], names
-        made = set(os.listdir(SHM)) - before
+        # this engine's files (other jobs on the machine make their own meanwhile)
+        made = {os.path.basename(p) for p in mapped_shm(procs + [rank.pid])} - before
+        made = {n for n in made if n.startswith("vllm_dist_")} | {
+            n for n in os.listdir(SHM) if n.startswith("mrlhf-") and n.split("-")[2].split(".")[0] == str(rank.pid)}
         assert any(n.startswith("vllm_dist_") for n in made) and any(n.startswith("mrlhf-") for n in made), made
         rank.kill()
         rank.wait()

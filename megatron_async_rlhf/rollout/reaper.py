@@ -105,11 +105,14 @@ def main(leader: int, run: str) -> None:
     me = os.getpid()
     tree: dict[int, int] = {}
     paths: set[str] = set()
+    polls = 0
     while os.getppid() == leader:
         now = descendants(leader, me)
-        if now:
-            tree = now
-            paths |= mapped_shm(tree)
+        # maps are long on GPU machines: read each poll while the engine starts, then when something changed, else 1 in 10
+        if now and (polls < 60 or now != tree or polls % 10 == 0):
+            paths |= mapped_shm(now)
+        tree = now or tree
+        polls += 1
         time.sleep(POLL_S)
     reap(leader, run, tree, {p for p in paths if os.path.basename(p).startswith(("vllm_", "mrlhf-"))})
 
