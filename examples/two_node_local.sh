@@ -28,6 +28,8 @@ if [ -z "$HF" ]; then
   HF="$WORK/tiny"
   "$PY" tools/make_tiny_model.py --out "$HF" --preset tiny-tied > /dev/null 2>&1
 fi
+# the run's id, in the name of its shared-memory files (megatron_async_rlhf/weights/shm.py); on two hosts, pass one
+export MRLHF_RUN_ID=${MRLHF_RUN_ID:-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}
 PORT=${PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 agent() {

@@ -4,6 +4,7 @@ engine core and workers exit on their own (nothing force-killed) and nothing is 
 
 import glob
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -29,9 +30,11 @@ def _unmapped(paths: set[str]) -> set[str]:
 @pytest.mark.multiproc
 def test_two_node_example_exits_0_on_both_nodes(tmp_path):
     before = set(glob.glob("/dev/shm/*"))
+    run = secrets.token_hex(6)
     t0 = time.monotonic()
     r = subprocess.run(["bash", os.path.join(ROOT, "examples", "two_node_local.sh")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=400, env={**os.environ, "PYTHON": sys.executable, "GRACE": "20", "KEEP_LOGS": "1"})
+                       text=True, timeout=400, env={**os.environ, "PYTHON": sys.executable, "GRACE": "20", "KEEP_LOGS": "1",
+                                                       "MRLHF_RUN_ID": run})
     took = time.monotonic() - t0
     tail = f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
     assert "agent exit codes: 0 (first) 0 (second)" in r.stderr, tail
@@ -46,7 +49,8 @@ def test_two_node_example_exits_0_on_both_nodes(tmp_path):
     # vLLM's engine core and workers stopped on their own, and no thread died inside C++ at exit
     for bad in ("force killing", "sending SIGTERM", "sending SIGKILL", "terminate called", "Traceback"):
         assert bad not in agents, f"{bad!r} in the agents' logs:\n{agents[-4000:]}"
-    left = _unmapped(set(glob.glob("/dev/shm/*")) - before)
-    leaks = {p for p in left if os.path.basename(p).startswith(("mrlhf-", "vllm_dist_"))}
+    assert not glob.glob(f"/dev/shm/mrlhf-{run}-*"), "the run's weight buckets were left in /dev/shm"
+    # vLLM's files carry no run id: new ones that no process maps (another job's live engine maps its own)
+    leaks = {p for p in _unmapped(set(glob.glob("/dev/shm/vllm_dist_*")) - before)}
     assert not leaks, f"left in /dev/shm: {sorted(leaks)}"
     assert took < 300, took
