@@ -45,8 +45,11 @@ def _own_prefix() -> str:
     owner = f"{run_id()}-{os.getpid()}"
     if _owner != owner:
         path = os.path.join(SHM_DIR, f"mrlhf-{owner}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: nobody else holds it
+        # locked under a name no sweeper reads, then renamed into place: a lock file is never seen unlocked
+        tmp = f"{path}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, path)
         if _owner is None:
             atexit.register(_release_all)
         _lock_fd, _owner = fd, owner
