@@ -54,7 +54,10 @@ class PPOCritic(PPO):
         kl_coef: float = 0.05
         """KL-to-reference penalty in the per-token reward."""
         gae_gamma: float = 1.0
+        """GAE discount per token, in [0, 1] (1: none)."""
         gae_lambda: float = 0.95
+        """GAE lambda, in [0, 1]: 1 gives Monte-Carlo returns minus the value (low bias), 0 one-step TD errors (low
+        variance)."""
         value_coef: float = 0.1
         """The value loss's weight (the critic has its own Adam, so this scales its gradient before clipping; with
         ``critic_lr`` it sets how fast the critic moves)."""
