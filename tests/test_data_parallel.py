@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_schedule import _Prompts  # the fake prompt stream of the schedule's tests
 
 PROMPTS, K = 8, 2
 ALGORITHMS = ("online_dpo", "rloo", "ppo", "ppo_critic")
@@ -65,17 +66,6 @@ class _Engines:
 
     def sync_weights(self, model, info, mcfg, version):
         return {}
-
-
-class _Prompts:
-    def __init__(self, n):
-        self.n = n
-
-    def round(self, r):
-        return [[r]] * self.n, list(range(self.n))
-
-    def seed(self, r):
-        return r
 
 
 def _mini_batches(samples, m: int = 1, steps: int = 1):

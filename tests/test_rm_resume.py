@@ -18,6 +18,7 @@ import time
 import pytest
 
 from megatron_async_rlhf.errors import ConfigError
+from test_resume import _rows  # metrics rows written so far (a run may be writing)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 40 training pairs (~33 comparison groups) / 8 a step: an epoch ends inside the run; checkpoints at 5, 10, 15
@@ -38,14 +39,6 @@ def _start(out, data, *extra):
     return subprocess.Popen([sys.executable, "-m", "megatron_async_rlhf", f"data.source={data}",
                              f"logging.out_dir={out}", *COMMON, *extra],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _rows(out):
-    try:
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f if line.endswith("\n")]
-    except FileNotFoundError:
-        return []
 
 
 def _log(out):

@@ -47,7 +47,7 @@ def make_rows(vocab: int, batch: int, samples: int, prompt_len: int, completion_
                                        token_ids=torch.randint(0, vocab, (completion_len,), generator=g).tolist(),
                                        logprobs=[-1.0] * completion_len))
     rewards = torch.tensor([float(i % samples == 0) for i in range(len(out))])
-    return SimpleNamespace(samples=out), rewards
+    return SimpleNamespace(samples=out, index=0), rewards
 
 
 def megatron_step(hf_dir: str, dtype: torch.dtype, batch, rewards, ac):

@@ -59,9 +59,9 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
+from bench_learner import make_rows  # noqa: E402  (tools/ is on sys.path: the one fake batch maker)
 
 # run from a bare checkout (a GPU machine where the package is not installed): the repository root on the path
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -232,20 +232,6 @@ def check_weight_sync(hf_dir: str, run: dict, device: torch.device):
     if problems:
         fields["problems"] = "; ".join(problems).replace(" ", "_")[:300]
     return not problems, fields
-
-
-def make_rows(vocab: int, prompts: int, samples: int, prompt_len: int, completion_len: int, seed: int = 0):
-    """``prompts * samples`` fake samples (prompt-major) and rewards giving every prompt a chosen/rejected pair."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(prompts):
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
-        for _ in range(samples):
-            out.append(SimpleNamespace(prompt_ids=prompt,
-                                       token_ids=torch.randint(0, vocab, (completion_len,), generator=g).tolist(),
-                                       logprobs=[-1.0] * completion_len))
-    rewards = torch.tensor([float(i % samples == 0) for i in range(len(out))])
-    return SimpleNamespace(samples=out, index=0), rewards
 
 
 def algorithm_config(micro: int):
