@@ -46,7 +46,7 @@ def test_every_nav_page_exists_and_every_page_is_in_the_nav():
                      if f.endswith(".md"))
     assert not set(on_disk) - set(nav), f"pages under docs/ missing from the nav: {sorted(set(on_disk) - set(nav))}"
     for page in ["index.md", "configuration.md", "recipes.md", "tools.md", "results.md", "troubleshooting.md",
-                 "reward-models.md", "weight_sync.md", "concepts/schedules.md", "getting-started/laptop.md",
+                 "reward-models.md", "weight_sync.md", "code-map.md", "concepts/schedules.md", "getting-started/laptop.md",
                  "getting-started/gpu-node.md", "getting-started/slurm.md"]:
         assert page in nav, page
 
@@ -71,3 +71,23 @@ def test_readme_points_nowhere_outside_the_repository():
         assert "://" not in target and not target.startswith(("/", "mailto:")), f"external link {target}"
         path = target.split("#")[0]
         assert path and os.path.exists(os.path.join(ROOT, path)), f"README.md links to a missing file: {target}"
+
+
+def test_readme_headline_numbers_are_on_the_results_page():
+    """Every number in the README's headline table is measured on docs/results.md (with its command and date)."""
+    with open(README) as fh:
+        readme = fh.read()
+    with open(os.path.join(ROOT, "docs", "results.md")) as fh:
+        results = fh.read()
+    section = readme.split("## Headline numbers", 1)[1].split("\n## ", 1)[0]
+    numbers = re.findall(r"(?<![\w.])\d+\.\d+", section)
+    assert numbers, "the README's headline numbers section is gone"
+    assert not [n for n in numbers if n not in results], "README numbers missing from docs/results.md"
+
+
+def test_troubleshooting_covers_every_error_family():
+    with open(os.path.join(ROOT, "docs", "troubleshooting.md")) as fh:
+        headings = [line[3:] for line in fh.read().splitlines() if line.startswith("## ")]
+    for family in ["Command line and config fields", "Layout and devices", "Model", "Data", "Checkpoints and resume",
+                   "Launch (torchrun, Slurm)", "Rollout engines", "The run stops on a number"]:
+        assert family in headings, family
