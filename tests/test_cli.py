@@ -8,7 +8,8 @@ import sys
 import yaml
 
 from megatron_async_rlhf.modes import MODES
-from megatron_async_rlhf.train import CONF_DIR, main
+from megatron_async_rlhf.cli import CONF_DIR
+from megatron_async_rlhf.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

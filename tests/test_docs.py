@@ -2,12 +2,12 @@
 every page of the nav exists, and the README is short, starts with the commands and points nowhere outside the
 repository."""
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def _nav_pages(nav) -> list[str]:
 def test_site_builds_strict(tmp_path):
     """``mkdocs build --strict``: a broken link, a missing nav page, a page left out of the nav or a bad anchor is
     a warning, and a warning fails the build."""
-    pytest.importorskip("material", reason="mkdocs-material is in the dev extra: bash tools/install.sh")
+    assert importlib.util.find_spec("material"), "mkdocs-material is missing: the dev extra has it (tools/install.sh)"
     p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", os.path.join(ROOT, "mkdocs.yml"),
                         "-d", str(tmp_path / "site")], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # mkdocs-material's banner about MkDocs 2
