@@ -34,6 +34,13 @@ def test_site_builds_strict(tmp_path):
     assert "WARNING" not in p.stderr, p.stderr
     assert (tmp_path / "site" / "index.html").exists()
     assert (tmp_path / "site" / "configuration" / "index.html").exists()
+    with open(README) as fh:  # the README is not part of the site: check its links into the site's sections here
+        for target in LINK.findall(fh.read()):
+            page, _, anchor = target.partition("#")
+            if page.startswith("docs/") and anchor:
+                rel = page[len("docs/"):-len(".md")]
+                html = tmp_path / "site" / ("index.html" if rel == "index" else os.path.join(rel, "index.html"))
+                assert f'id="{anchor}"' in html.read_text(), f"README.md links to a missing section: {target}"
 
 
 def test_every_nav_page_exists_and_every_page_is_in_the_nav():
