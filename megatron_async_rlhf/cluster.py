@@ -33,6 +33,16 @@ class RolloutError(RuntimeError):
     """The rollout pool did not answer: an engine died, hung past the timeout, or failed."""
 
 
+def shared_failure(err: Exception | None) -> Exception | None:
+    """The controller's (learner rank 0's) failure, or None, on every rank of the learner pool: a collective, so the
+    pool can write a checkpoint together before it stops."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return err
+    box = [err if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @dataclass(frozen=True)
 class Role:
     rank: int

@@ -137,6 +137,17 @@ class RolloutConfig:
     """Engine seed (each engine adds its index)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """vLLM-only settings, read when ``backend=vllm``."""
+    max_restarts: int = 2
+    """How many times each engine is restarted after it dies or hangs (``rollout/supervisor.py``): in its rank, with
+    the weights it held, and its unfinished request repeated (same prompts and seeds, so the same samples); logged as
+    ``engine_restart`` rows in metrics.jsonl. Past this the run writes a checkpoint and exits 1 naming the engine.
+    While > 0 each engine's rank keeps a copy of the last synced weights in host RAM (one model's size); 0 turns
+    restarts and the copy off. Needs the engine in processes of its own (vLLM multi-process: the GPU default,
+    ``rollout.vllm.engine_multiprocess=true`` on CPU); an in-process engine dies with its rank."""
+    hang_timeout_s: float | None = None
+    """An engine call (a generation or scoring request, a weight load) still running after this long is a hang: the
+    engine's processes are killed and it restarts. None: 0.8 x ``cluster.timeout_s`` (the learner gives up on an
+    engine after ``cluster.timeout_s``; the engine must give up on itself first). Must be < ``cluster.timeout_s``."""
 
     RENAMED = {k: f"rollout.vllm.{k}" for k in
                ("kv_cache_gib", "gpu_memory_utilization", "engine_multiprocess", "enforce_eager", "extra")}
@@ -150,6 +161,11 @@ class RolloutConfig:
         backend_class(self.backend)  # a ConfigError listing the registered names
         if self.dtype not in self.DTYPES:
             raise ConfigError(f"rollout.dtype={self.dtype!r}: use one of {list(self.DTYPES)}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"rollout.max_restarts={self.max_restarts} must be >= 0 (0: no restarts)")
+        if self.hang_timeout_s is not None and not self.hang_timeout_s > 0:
+            raise ConfigError(f"rollout.hang_timeout_s={self.hang_timeout_s} must be > 0, or null for 0.8 x "
+                              "cluster.timeout_s")
         return self
 
 
@@ -632,6 +648,10 @@ class RunConfig:
         self.rollout.validate()
         self.checkpoint.validate()
         self.logging.validate()
+        if self.rollout.hang_timeout_s is not None and self.rollout.hang_timeout_s >= self.cluster.timeout_s:
+            raise ConfigError(f"rollout.hang_timeout_s={self.rollout.hang_timeout_s:g} must be < cluster.timeout_s="
+                              f"{self.cluster.timeout_s:g}: an engine must give up on a hung call (and restart) before "
+                              "the learner gives up on the engine. Fix: lower it or raise cluster.timeout_s")
         if self.mode == "rl" and self.checkpoint.every % self.algorithm.off_policy_n:
             raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of algorithm.off_policy_n="
                               f"{self.algorithm.off_policy_n}: checkpoints fall between rounds")

@@ -201,10 +201,19 @@ class Evaluations:
     def run(self, client, step: int) -> dict | None:
         """Greedy pass@1 on the held-out prompts with the engines' current weights (controller; None elsewhere),
         logged and written row by row."""
-        if not self.is_controller:
-            return None
-        out = self.evaluator().run(client, step)
-        self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
+        from megatron_async_rlhf.cluster import RolloutError, shared_failure
+
+        out = failed = None
+        if self.is_controller:
+            try:
+                out = self.evaluator().run(client, step)
+            except RolloutError as e:  # an engine failed for good: every learner rank stops (with a checkpoint)
+                failed = e
+        failed = shared_failure(failed)
+        if failed is not None:
+            raise failed
+        if self.is_controller:
+            self.metrics.log(step, "eval", **{k: v for k, v in out.items() if k != "file"})
         return out
 
     def state(self) -> dict:

@@ -93,36 +93,46 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
                                     n=ac.samples_per_prompt, stop_token_ids=data.stops)
         schedule = Rounds(client, policy, prompts, sampling, ac.steps, ac.max_staleness, ac.off_policy_n,
                           ac.sync_every_step, resume)
+        saved_at = [saved["step"] if saved else 0]  # the newest checkpoint's step
+
+        def checkpoint() -> str:  # collective over the learner pool, between two rounds
+            mine = {"metrics": metrics.state(), "evaluation": evals.state()} if ctx.is_controller else None
+            saved_at[0] = schedule.version
+            return run_state.save(cfg, schedule.version, schedule, prompts, policy, ref, critic, mine)
+
         t_rl = time.perf_counter()
-        for mb in schedule.run():
-            if mb is ENGINES_IDLE:  # the engines hold the learner's weights, nothing in flight
-                if evals.due(schedule.version):
-                    evals.run(client, schedule.version)
-                continue
-            t0 = time.perf_counter()
-            rewards, timing = learner_rewards(ctx, reward_fn, mb.samples, mb.meta, client.last_collect, cfg.reward,
-                                              mb.index + 1)  # a non-finite reward stops the run here
-            m = {**timing, **rl_step(mb, rewards, ac, policy.ddp, policy.opt, ref, policy.mcfg.vocab_size,
-                                     cfg.learner.max_tokens_per_micro_batch, critic=critic),
-                 **mb.stats, "lr": _lr(policy.opt), "train_s": time.perf_counter() - t0}  # lr: the step's (set in it)
-            step = mb.index + 1
-            if metrics:
-                metrics.log(step, "rl", **{k: v for k, v in m.items() if isinstance(v, (int, float))})
-            if cfg.logging.save_every and step % cfg.logging.save_every == 0:
-                export_policy(cfg, ctx, policy, model_path, f"step_{step}")
-            if not mb.ends_round:  # checkpoints and stops fall between rounds
-                continue
-            stop = stop_agreed(ctx.store)  # a SIGTERM/SIGINT anywhere: every learner rank stops here
-            if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                mine = {"metrics": metrics.state(), "evaluation": evals.state()} if ctx.is_controller else None
-                checkpoint = run_state.save(cfg, step, schedule, prompts, policy, ref, critic, mine)
-            if stop:
-                log.warning("stopped after RL step %d; continue with resume=auto", step)
-                return {"stopped_after_step": step, "checkpoint": checkpoint} if ctx.is_controller else None
+        with _checkpoint_if_engines_fail(schedule, saved_at, checkpoint):
+            for mb in schedule.run():
+                if mb is ENGINES_IDLE:  # the engines hold the learner's weights, nothing in flight
+                    if evals.due(schedule.version):
+                        evals.run(client, schedule.version)
+                    continue
+                t0 = time.perf_counter()
+                rewards, timing = learner_rewards(ctx, reward_fn, mb.samples, mb.meta, client.last_collect,
+                                                  cfg.reward, mb.index + 1)  # a non-finite reward stops the run here
+                m = {**timing, **rl_step(mb, rewards, ac, policy.ddp, policy.opt, ref, policy.mcfg.vocab_size,
+                                         cfg.learner.max_tokens_per_micro_batch, critic=critic),
+                     **mb.stats, "lr": _lr(policy.opt), "train_s": time.perf_counter() - t0}  # lr: the step's
+                step = mb.index + 1
+                if metrics:
+                    metrics.log(step, "rl", **{k: v for k, v in m.items() if isinstance(v, (int, float))})
+                    _log_events(client, metrics, step)  # engine restarts
+                if cfg.logging.save_every and step % cfg.logging.save_every == 0:
+                    export_policy(cfg, ctx, policy, model_path, f"step_{step}")
+                if not mb.ends_round:  # checkpoints and stops fall between rounds
+                    continue
+                stop = stop_agreed(ctx.store)  # a SIGTERM/SIGINT anywhere: every learner rank stops here
+                if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    path = checkpoint()
+                if stop:
+                    log.warning("stopped after RL step %d; continue with resume=auto", step)
+                    return {"stopped_after_step": step, "checkpoint": path} if ctx.is_controller else None
         rl_seconds = time.perf_counter() - t_rl
         client.sync_weights(policy.model, policy.info, policy.mcfg, schedule.version)
         after = evals.run(client, ac.steps)
         export_policy(cfg, ctx, policy, model_path, "final")
+        if metrics:
+            _log_events(client, metrics, ac.steps)
         return _summary(metrics, evals.before, after, schedule.stats, rl_seconds) if ctx.is_controller else None
 
 
@@ -144,6 +154,26 @@ def _stopping_engines_at_exit(client, metrics):
     finally:
         if metrics:
             metrics.close()
+
+
+@contextlib.contextmanager
+def _checkpoint_if_engines_fail(schedule, saved_at: list, checkpoint):
+    """An engine that failed for good (past ``rollout.max_restarts``, or its rank died) ends the run with exit code
+    1, after a checkpoint of what was trained (the round it lost is generated again on resume)."""
+    from megatron_async_rlhf.cluster import RolloutError
+
+    try:
+        yield
+    except RolloutError as e:
+        if schedule.version > saved_at[0]:
+            log.error("%s; writing a checkpoint of step %d first (continue with resume=auto)", e, schedule.version)
+            checkpoint()
+        raise
+
+
+def _log_events(client, metrics, step: int) -> None:
+    for event in client.take_events():
+        metrics.log(step, "event", **event)
 
 
 def _lr(opt) -> float:

@@ -3,6 +3,10 @@
 Only the controller (learner rank 0) talks to the engines; every learner rank takes part in a weight sync (TP ranks
 gather, each stage's owner broadcasts its stage). A request can be left in flight while the learner trains
 (``submit_generate`` / ``collect``): that is the asynchronous schedule's overlap.
+
+An engine that died and was restarted (``supervisor.py``) says so before its answer: the events are kept in
+``events`` (the loop logs them in metrics.jsonl). One that cannot go on answers ``failed``: the call raises
+``EngineGaveUp`` naming it, on every learner rank of a weight sync, after the other engines answered.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_async_rlhf.cluster import ClusterContext, RolloutError
 from megatron_async_rlhf.rollout.base import Sample, SamplingSettings
+from megatron_async_rlhf.rollout.supervisor import EngineGaveUp
 from megatron_async_rlhf.weights.gather import stage_hf_groups
 from megatron_async_rlhf.weights.sync import PackBuffers, dtype_from_name, send_stage, wire_dtype
 
@@ -28,6 +33,7 @@ class RolloutClient:
         self.last_sync: dict = {}
         self.last_collect: dict = {}  # reward_s (longest engine's scoring), collect_wait_s of the last collect()
         self._pack_buffers = PackBuffers()  # a stage owner's two reusable send buffers
+        self.events: list[dict] = []  # engine restarts since the loop last took them (controller only)
         box = [None]
         if ctx.is_controller:  # engines report once they are up; nothing is timed before that
             ready = [ctx.control.recv_obj(e + 1, "starting up (loading the model)", timeout_s=ctx.cfg.startup_timeout_s)
@@ -60,14 +66,50 @@ class RolloutClient:
                                       e + 1, f"sending {len(chunk)} prompts")
             self._pending.append((e + 1, len(chunk)))
 
+    def _reply(self, peer: int, what: str):
+        """Engine ``peer``'s answer to a command, after the restart events it sends first (kept in ``events``). While
+        it restarts the wait is its start-up's (``cluster.startup_timeout_s``) plus a call's."""
+        cl = self.ctx.cfg
+        timeout = None
+        while True:
+            msg = self.ctx.control.recv_obj(peer, what, timeout_s=timeout)
+            if not (isinstance(msg, dict) and ("event" in msg or "failed" in msg)):
+                return msg
+            if "failed" in msg:
+                raise EngineGaveUp(msg["failed"])
+            if msg["event"] == "engine_restarting":
+                log.warning("rollout engine %d failed while %s (%s): restarting", msg["engine"], msg["while"],
+                            msg["reason"])
+                timeout = cl.startup_timeout_s + cl.timeout_s
+            else:
+                log.warning("rollout engine %d restarted in %.1f s; %s again", msg["engine"], msg["recover_s"],
+                            msg["while"])
+                self.events.append(msg)
+                timeout = None
+
+    def _replies(self, peers: list[tuple[int, str]]) -> list:
+        """Every engine's answer; an engine that failed for good raises ``EngineGaveUp`` once the others answered."""
+        out, failed = [], None
+        for peer, what in peers:
+            try:
+                out.append(self._reply(peer, what))
+            except EngineGaveUp as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
+        return out
+
+    def take_events(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
     def collect(self) -> list[Sample]:
         """Wait (up to cluster.timeout_s per engine) for the samples of the request in flight."""
         assert self._pending is not None, "no generation request in flight"
         out: list[Sample] = []
         pending, self._pending = self._pending, None
         t0, reward_s = time.perf_counter(), 0.0
-        for peer, n in pending:
-            reply = self.ctx.control.recv_obj(peer, f"generating {n} prompts")
+        for reply in self._replies([(peer, f"generating {n} prompts") for peer, n in pending]):
             out += reply["samples"]
             reward_s = max(reward_s, reply.get("reward_s", 0.0))
         # scoring is the tail of each engine's request: the learner waited for at most the part of it that outlasted
@@ -82,16 +124,44 @@ class RolloutClient:
     def score(self, sequences: list[list[int]], engine: int = 0) -> list[list[float]]:
         """The engine's log-probs of given sequences (tokens 1..L-1) under its current weights."""
         self.ctx.control.send_obj({"cmd": "score", "sequences": sequences}, engine + 1, "sending sequences to score")
-        return self.ctx.control.recv_obj(engine + 1, f"scoring {len(sequences)} sequences")["logprobs"]
+        return self._replies([(engine + 1, f"scoring {len(sequences)} sequences")])[0]["logprobs"]
 
     # ----- weights (every learner rank) ------------------------------------------------------------------------
     def sync_weights(self, model, info, cfg, version: int) -> dict:
-        """Push the learner's current weights to every engine as ``version``. Collective over the learner pool."""
-        from megatron.core import parallel_state as ps
-
+        """Push the learner's current weights to every engine as ``version``. Collective over the learner pool; a
+        failed engine raises on every learner rank."""
         if self._pending is not None:
             raise RuntimeError("weights cannot change while a generation request is in flight; collect() first")
         t0 = time.perf_counter()
+        failure = None  # this rank's: an engine that failed for good, or a dead engine rank
+        try:
+            self._push(model, info, cfg, version)
+        except RolloutError as e:
+            failure = e
+        stats = {}
+        if self.ctx.is_controller and failure is None:
+            try:
+                acks = self._replies([(e + 1, f"loading weights v{version}") for e in range(self.engines)])
+                bad = [a["version"] for a in acks if a["version"] != version]
+                if bad:
+                    raise RolloutError(f"engines report versions {bad} after syncing v{version}")
+                stats = self._sync_stats(acks, time.perf_counter() - t0, version)
+            except RolloutError as e:
+                failure = e
+        # the whole learner pool leaves the sync together, and fails together (a checkpoint needs every rank)
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, None if failure is None else (type(failure).__name__, str(failure)))
+        first = next((f for f in failures if f is not None), None)
+        if first is not None:
+            raise failure if failure is not None else (EngineGaveUp if first[0] == "EngineGaveUp" else RolloutError)(
+                first[1])
+        self.last_sync = stats
+        return stats
+
+    def _push(self, model, info, cfg, version: int) -> None:
+        """Tell the engines, then every stage owner sends its stage (TP ranks take part in the gathers)."""
+        from megatron.core import parallel_state as ps
+
         if self.ctx.is_controller:
             for e in range(self.engines):
                 self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp}, e + 1,
@@ -109,23 +179,16 @@ class RolloutClient:
             else:
                 for _ in named:  # take part in the TP gathers; the stage owner sends
                     pass
-        stats = {}
-        if self.ctx.is_controller:
-            acks = [self.ctx.control.recv_obj(e + 1, f"loading weights v{version}") for e in range(self.engines)]
-            bad = [a["version"] for a in acks if a["version"] != version]
-            if bad:
-                raise RolloutError(f"engines report versions {bad} after syncing v{version}")
-            secs = time.perf_counter() - t0
-            nbytes = acks[0]["bytes"]
-            stats = {"sync_seconds": secs, "sync_bytes": nbytes, "sync_gbps": nbytes / secs / 1e9,
-                     "engine_load_s": max(a["load_s"] for a in acks), "tensors": acks[0]["tensors"],
-                     "engine_peak_extra_bytes": max(a["peak_extra_bytes"] for a in acks),
-                     "max_bucket_bytes": max(a["max_bucket_bytes"] for a in acks), "buckets": acks[0]["buckets"]}
-            log.info("weight sync v%d: %.3f s, %.2f MB to %d engine(s), %.3f GB/s effective (engine load %.3f s, peak "
-                     "extra engine memory %.1f MB)", version, secs, nbytes / 1e6, self.engines, stats["sync_gbps"],
-                     stats["engine_load_s"], stats["engine_peak_extra_bytes"] / 1e6)
-        self.last_sync = stats
-        dist.barrier()  # the whole learner pool leaves the sync together
+
+    def _sync_stats(self, acks: list[dict], secs: float, version: int) -> dict:
+        nbytes = acks[0]["bytes"]
+        stats = {"sync_seconds": secs, "sync_bytes": nbytes, "sync_gbps": nbytes / secs / 1e9,
+                 "engine_load_s": max(a["load_s"] for a in acks), "tensors": acks[0]["tensors"],
+                 "engine_peak_extra_bytes": max(a["peak_extra_bytes"] for a in acks),
+                 "max_bucket_bytes": max(a["max_bucket_bytes"] for a in acks), "buckets": acks[0]["buckets"]}
+        log.info("weight sync v%d: %.3f s, %.2f MB to %d engine(s), %.3f GB/s effective (engine load %.3f s, peak "
+                 "extra engine memory %.1f MB)", version, secs, nbytes / 1e6, self.engines, stats["sync_gbps"],
+                 stats["engine_load_s"], stats["engine_peak_extra_bytes"] / 1e6)
         return stats
 
     def shutdown(self) -> list[dict]:
@@ -134,10 +197,20 @@ class RolloutClient:
         if not self.ctx.is_controller:
             return []
         if self._pending is not None:
-            self.collect()
-        out = []
-        for e in range(self.engines):
-            self.ctx.control.send_obj({"cmd": "shutdown"}, e + 1, "asking to shut down")
-            out.append(self.ctx.control.recv_obj(e + 1, "shutting down"))
-        self.ctx.store.set(f"{self.ctx.session}/shutdown", "1")
+            try:
+                self.collect()
+            except EngineGaveUp as e:  # the others answered; the failed one still takes the shutdown
+                log.warning("dropping the request in flight: %s", e)
+        out, errors = [], []
+        try:
+            for e in range(self.engines):
+                try:
+                    self.ctx.control.send_obj({"cmd": "shutdown"}, e + 1, "asking to shut down")
+                    out.append(self._reply(e + 1, "shutting down"))
+                except RolloutError as err:  # a dead engine rank: stop the others all the same
+                    errors.append(err)
+        finally:
+            self.ctx.store.set(f"{self.ctx.session}/shutdown", "1")
+        if errors:
+            raise errors[0]
         return out

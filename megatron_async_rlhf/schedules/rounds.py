@@ -60,6 +60,7 @@ from typing import Iterator
 
 import torch.distributed as dist
 
+from megatron_async_rlhf.cluster import RolloutError, shared_failure
 from megatron_async_rlhf.schedules import ENGINES_IDLE, Batch, ScheduleStats, StalenessError
 
 log = logging.getLogger(__name__)
@@ -110,19 +111,29 @@ class Rounds:
             return batch
         i, meta, t0, at_version = self._in_flight
         self._in_flight = None
-        samples = self._deal(self.client.collect() if self.client.ctx.is_controller else None, len(meta))
+        samples = None
+        if self.client.ctx.is_controller:
+            try:
+                samples = self.client.collect()
+            except RolloutError as e:  # every learner rank learns it (a checkpoint needs them all)
+                samples = e
+        samples = self._deal(samples, len(meta))
+        if isinstance(samples, RolloutError):  # the round is lost, not trained: a checkpoint now resumes before it
+            self.stats.generated -= 1
+            raise samples
         return Batch(i, samples, meta, time.perf_counter() - t0, at_version)
 
     def _deal(self, samples: list | None, prompts: int) -> list:
         """The round's samples (the controller's, prompt-major, k per prompt) as this learner rank holds them: all on
         the controller; elsewhere its data-parallel replica's share of each mini-batch, None in the other places."""
         controller = self.client.ctx.is_controller
+        failed = shared_failure(samples if isinstance(samples, RolloutError) else None)  # no round: on every rank
+        if failed is not None or dist.get_world_size() == 1:
+            return failed or samples
         if controller and [s.prompt_index for s in samples] != [p for p in range(prompts)
                                                                  for _ in range(len(samples) // prompts)]:
             raise RuntimeError(f"round of {len(samples)} samples is not prompt-major with as many samples for each of "
                                f"its {prompts} prompts")
-        if dist.get_world_size() == 1:
-            return samples
         from megatron.core import parallel_state as ps
 
         dp = ps.get_data_parallel_world_size()
