@@ -91,3 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a rollout engine that failed for good: one line that names it, after the traceback
+        gave_up = _engine_failure(e)
+        if gave_up is None:
+            raise
+        logging.getLogger("megatron_async_rlhf").error(
+            "run stopped: %s. What was trained is checkpointed: continue with resume=auto", gave_up)
+        return 1
+
+
+def _engine_failure(e: BaseException) -> str | None:
+    """The message of the rollout failure behind ``e`` (an ``EngineGaveUp`` or ``RolloutError`` raised here under
+    torchrun, or a rank's, in a WorkerError), or None."""
+    if type(e).__name__ in ("EngineGaveUp", "RolloutError"):
+        return str(e)
+    lines = [ln.split(m, 1)[1] for ln in str(e).splitlines() for m in (".EngineGaveUp: ", ".RolloutError: ") if m in ln]
+    return lines[-1] if lines else None

@@ -1,9 +1,9 @@
 """Fault injection for drills and tests: ``MRLHF_FAULTS`` kills or stops a rollout engine at a chosen call.
 
 ``MRLHF_FAULTS="kill@generate#3"`` (comma-separated for several): ACTION@CALL#N, on engine ``MRLHF_FAULT_ENGINE``
-(default 0), where CALL is ``generate`` (fires ``MRLHF_FAULT_DELAY_S``, default 0.2 s, into the N-th generation
-request: mid-generation), ``sync`` (fires when the N-th weight sync's first bucket has arrived, while the rest are
-still on their way: mid-sync) or ``score``, and ACTION is
+(default 0), where CALL is ``generate`` or ``score`` (fires after the engine's first step of the N-th such request:
+mid-generation) or ``sync`` (fires when the N-th weight sync's first bucket has arrived, while the rest are still on
+their way: mid-sync), and ACTION is
 
 * ``kill``: SIGKILL the engine core (a crash: a GPU fallen off the bus, the OOM killer);
 * ``stop``: SIGSTOP the engine core (a hang: it neither answers nor dies; ``rollout.hang_timeout_s`` ends it);
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,21 @@ def arm(sup, what: str) -> None:
         if what == "loading weights":
             _pending_sync.append((sup, action))
         else:
-            timer = threading.Timer(float(os.environ.get("MRLHF_FAULT_DELAY_S", "0.2")), fire, (sup, action))
-            timer.daemon = True
-            timer.start()
+            _after_first_step(sup, action)
+
+
+def _after_first_step(sup, action: str) -> None:
+    """Fire once the engine has taken the first step of the request (vLLM's ``LLMEngine.step``): mid-request."""
+    engine = sup.engine.llm.llm_engine
+    step = engine.step
+
+    def first_step(*args, **kwargs):
+        engine.step = step  # once
+        out = step(*args, **kwargs)
+        fire(sup, action)
+        return out
+
+    engine.step = first_step
 
 
 def bucket_received(count: int) -> None:
