@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_async_rlhf.train import main
+from megatron_async_rlhf.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,7 @@
 """What the command line says about itself: ``--help`` (the modes, the recipes, the options and where every config
 field is documented, read from the modes' registry and ``conf/recipe/`` so a new mode or recipe shows up by itself)
-and ``--print-config`` (the composed config of a command, without running it). ``train.main`` calls them."""
+and ``--print-config`` (the composed config of a command, without running it). The command line's entry point
+(``megatron-async-rlhf``, ``python -m megatron_async_rlhf``): anything else is a run, ``train.main``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import dataclasses
 import importlib.util
 import os
 import textwrap
+
+import sys
 
 from megatron_async_rlhf.errors import ConfigError
 from megatron_async_rlhf.train import CONF_DIR, load_config
@@ -106,3 +109,20 @@ def print_config(args: list[str]) -> int:
         note = f"# valid on a CUDA machine only; on this one: {str(e).splitlines()[0]}\n"
     print(note + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--help``, ``--print-config [overrides]``, or a run (``train.main``) with the given overrides."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args):
+        print(usage())
+        return 0
+    if "--print-config" in args:
+        try:
+            return print_config([a for a in args if a != "--print-config"])
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+    from megatron_async_rlhf.train import main as run
+
+    return run(args)

@@ -66,16 +66,7 @@ def prepare_model(cfg: RunConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(args):
-        from megatron_async_rlhf.cli import usage
-
-        print(usage())
-        return 0
     try:
-        if "--print-config" in args:
-            from megatron_async_rlhf.cli import print_config
-
-            return print_config([a for a in args if a != "--print-config"])
         cfg = load_config(args)
         from megatron_async_rlhf.run_state import check_fresh_start
 

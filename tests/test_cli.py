@@ -9,7 +9,7 @@ import yaml
 
 from megatron_async_rlhf.modes import MODES
 from megatron_async_rlhf.cli import CONF_DIR
-from megatron_async_rlhf.train import main
+from megatron_async_rlhf.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,10 +17,11 @@ LAYERS = [
     ["config"],
     ["schedules", "evaluation", "run_state"],
     ["modes"],
-    ["checks", "train", "__main__", "__init__"],
+    ["checks", "train"],
+    ["cli", "__main__", "__init__"],
 ]
 ROOT_MODULES = {"__init__", "__main__", "errors", "config", "train", "cluster", "launch", "metrics", "preemption",
-                "run_state", "evaluation"}
+                "run_state", "evaluation", "cli"}
 
 
 def _layer(mod: str) -> int:
