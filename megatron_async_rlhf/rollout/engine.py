@@ -18,12 +18,21 @@ import warnings
 
 import torch
 
-from megatron_async_rlhf.rollout.base import (EngineSettings, RolloutBackend, Sample, SamplingSettings, prompt_seed,
-                                              register_backend)
+from megatron_async_rlhf.rollout.base import (EngineSettings, FinishedGroup, RolloutBackend, Sample, SamplingSettings,
+                                              check_spans, prompt_seed, register_backend)
 
 log = logging.getLogger(__name__)
 
 _SHUTDOWN_S = 60  # close(): the engine core's own exit; its workers get half of it
+
+
+class _Group:
+    """A streaming prompt group in flight: its samples as they finish."""
+
+    __slots__ = ("prompt_index", "prompt", "samples", "left")
+
+    def __init__(self, prompt_index: int, prompt: list[int], samples: list, left: int):
+        self.prompt_index, self.prompt, self.samples, self.left = prompt_index, prompt, samples, left
 
 
 @register_backend("vllm")
@@ -87,38 +96,142 @@ class VLLMBackend(RolloutBackend):
             kw.setdefault("max_num_batched_tokens", max(4096 * settings.tensor_parallel, rc.max_model_len))
         self.llm = LLM(**kw)
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and settings.tensor_parallel == 1
+        # the engine core steps in this thread (its workers may still be other processes, TP > 1): between two
+        # step() calls nothing runs, so weights may change with requests in flight
+        self.core_in_process = not multiprocess
         self.weight_dtype = self.llm.model_config.dtype  # rollout.dtype resolved (auto: from the checkpoint)
+        self._groups: dict[int, _Group] = {}  # streaming: admitted groups not returned yet
+        self._requests: dict[str, tuple[int, int]] = {}  # streaming: vLLM request id -> (group id, sample index)
+        self.version = self.version  # vLLM labels every step with it (its initial label is "default")
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
                  settings.model, settings.tensor_parallel, self.in_process)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, first_index: int = 0) -> list[Sample]:
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @version.setter
+    def version(self, version: int) -> None:
+        """The policy version of the weights; vLLM labels every later engine step with it, so each finished sample's
+        ``versions`` spans come from vLLM's own record (``CompletionOutput.weight_versions``)."""
+        self._version = version
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.llm_engine.set_weight_version(str(version))
+
+    def _prompt(self, token_ids: list[int]) -> dict:
+        """A prompt whose cached prefix blocks belong to the current weights only: the salt keeps a request from
+        hitting blocks that older weights computed (they cannot all be dropped while requests in flight hold some)."""
+        return {"prompt_token_ids": list(token_ids), "cache_salt": f"v{self.version}"}
+
+    @staticmethod
+    def _params(s: SamplingSettings, n: int, seed: int | None, final_only: bool = False):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
+        kw = {"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}
+        return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                              stop_token_ids=list(s.stop_token_ids), seed=seed, logprobs=0, detokenize=False, **kw)
+
+    def _sample(self, prompt_index: int, prompt: list[int], c) -> Sample:
+        """A Sample from one vLLM completion, its version spans from vLLM's per-step weight labels."""
+        toks = list(c.token_ids)
+        lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)]
+        spans = [(int(w.version), w.start, w.end) for w in (c.weight_versions or [])]
+        check_spans(spans, len(toks))
+        return Sample(prompt_index, list(prompt), toks, lps, "length" if c.finish_reason == "length" else "stop",
+                      min(v for v, _, _ in spans), self.index, versions=spans)
+
+    def _no_round_while_streaming(self, what: str) -> None:
+        if self._groups:  # LLM.generate would step (and swallow the outputs of) the streaming requests too
+            raise RuntimeError(f"{what} while {len(self._groups)} streaming groups are in flight: step them to the "
+                               "end or abort_all() first")
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, first_index: int = 0) -> list[Sample]:
         s = sampling
-
-        def params(seed):
-            return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                  stop_token_ids=list(s.stop_token_ids), seed=seed, logprobs=0, detokenize=False)
-
-        per_prompt = params(None) if s.seed is None else [params(prompt_seed(s.seed, first_index + i))
-                                                          for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_prompt, use_tqdm=False)
-        samples = []
-        for i, (prompt, out) in enumerate(zip(prompts, outs)):
-            for c in out.outputs:
-                toks = list(c.token_ids)
-                lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)]
-                samples.append(Sample(first_index + i, list(prompt), toks, lps,
-                                      "length" if c.finish_reason == "length" else "stop", self.version, self.index))
-        return samples
+        self._no_round_while_streaming("generate")
+        per_prompt = self._params(s, s.n, None) if s.seed is None else [
+            self._params(s, s.n, prompt_seed(s.seed, first_index + i)) for i in range(len(prompts))]
+        outs = self.llm.generate([self._prompt(p) for p in prompts], per_prompt, use_tqdm=False)
+        return [self._sample(first_index + i, prompt, c) for i, (prompt, out) in enumerate(zip(prompts, outs))
+                for c in out.outputs]
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-probs of each sequence's tokens 1..L-1 under the current weights (vLLM prompt log-probs, T=1)."""
         from vllm import SamplingParams
 
+        self._no_round_while_streaming("score")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate([{"prompt_token_ids": q} for q in sequences], params, use_tqdm=False)
+        outs = self.llm.generate([self._prompt(q) for q in sequences], params, use_tqdm=False)
         return [[o.prompt_logprobs[j][q[j]].logprob for j in range(1, len(q))] for q, o in zip(sequences, outs)]
+
+    # ----- streaming: the in-process engine's own step loop (LLMEngine.add_request / step) -----
+    def _check_streaming(self, what: str) -> None:
+        if not self.core_in_process:
+            raise NotImplementedError(
+                f"{what}: streaming generation needs the engine core in this process (rollout.vllm."
+                "engine_multiprocess=false); a multi-process engine core steps on its own and would need vLLM's "
+                "AsyncLLM pause_generation(mode='keep') around each weight update (not built yet)")
+
+    def admit(self, group_id: int, prompt: list[int], sampling: SamplingSettings,
+              prompt_index: int | None = None) -> None:
+        """``sampling.n`` separate vLLM requests ``g<group>-<j>`` (each its own output; seeded ones get
+        ``prompt_seed(seed, prompt_index) + j``, the seeds vLLM gives the n samples of :meth:`generate`)."""
+        self._check_streaming("admit")
+        if group_id in self._groups:
+            raise ValueError(f"group {group_id} is already in flight on engine {self.index}")
+        s = sampling
+        index = group_id if prompt_index is None else prompt_index
+        base = None if s.seed is None else prompt_seed(s.seed, index)
+        self._groups[group_id] = _Group(index, list(prompt), [None] * s.n, s.n)
+        for j in range(s.n):
+            rid = f"g{group_id}-{j}"
+            self._requests[rid] = (group_id, j)
+            self.llm.llm_engine.add_request(rid, self._prompt(prompt),
+                                            self._params(s, 1, None if base is None else base + j, final_only=True))
+
+    def step(self) -> list[FinishedGroup]:
+        self._check_streaming("step")
+        if not self._groups:
+            return []
+        done = []
+        for out in self.llm.llm_engine.step():
+            if not out.finished or out.request_id not in self._requests:
+                continue
+            gid, j = self._requests.pop(out.request_id)
+            group = self._groups[gid]
+            group.samples[j] = self._sample(group.prompt_index, group.prompt, out.outputs[0])
+            group.left -= 1
+            if group.left == 0:
+                del self._groups[gid]
+                done.append(FinishedGroup(gid, group.samples))
+        return done
+
+    def in_flight(self) -> int:
+        return len(self._groups)
+
+    def abort_all(self) -> list[int]:
+        ids, groups = list(self._requests), sorted(self._groups)
+        if ids:
+            self.llm.llm_engine.abort_request(ids)
+        self._requests.clear()
+        self._groups.clear()
+        return groups
+
+    def update_weights_between_steps(self, receive, version: int, in_flight_kv: str = "recompute") -> dict:
+        """``recompute``: after the load, ``reset_prefix_cache(reset_running_requests=True)`` preempts every running
+        request (KV freed; it re-prefills prompt + generated tokens under the new weights at its next step) and empties
+        the prefix cache. ``keep``: the running requests' KV stays; the per-version cache salt keeps new requests off
+        the old blocks."""
+        if in_flight_kv not in self.IN_FLIGHT_KV:
+            raise ValueError(f"in_flight_kv={in_flight_kv!r}: choose one of {self.IN_FLIGHT_KV}")
+        self._check_streaming("update_weights_between_steps")
+        self._kv_mode = in_flight_kv
+        try:
+            stats = self.load_weight_stream(receive, version)
+        finally:
+            self._kv_mode = None
+        return {**stats, "in_flight": len(self._groups), "in_flight_kv": in_flight_kv}
 
     # a weight update: vLLM's layer-wise reload in every worker (worker_ext.WeightReceiver), bucket by bucket
     def begin_weight_update(self) -> None:
@@ -138,7 +251,13 @@ class VLLMBackend(RolloutBackend):
     def finish_weight_update(self) -> dict:
         """Every worker finishes its reload; cached prefixes computed with the old weights are dropped."""
         workers = self.llm.collective_rpc("finish_weight_stream")
-        self.llm.reset_prefix_cache()
+        if not self._requests:  # nothing holds a block: every cached prefix goes
+            self.llm.reset_prefix_cache()
+        elif getattr(self, "_kv_mode", None) == "keep":
+            pass  # blocks in use cannot be reset; the cache salt (next version) keeps new requests off the old ones
+        else:  # recompute (also what a plain load_weight_stream with streaming requests in flight does)
+            if not self.llm.llm_engine.reset_prefix_cache(reset_running_requests=True):
+                raise RuntimeError("vLLM did not reset its prefix cache after preempting the running requests")
         return {"tensors": workers[0]["tensors"], "worker_pids": [w["pid"] for w in workers],
                 "peak_extra_by_process": {w["pid"]: w["peak_extra_bytes"] for w in workers if w["pid"] != os.getpid()}}
 
