@@ -115,7 +115,8 @@ def test_sample_versions_default_and_checkpoint_round_trip():
     del old["fields"]["versions"]  # written before the field existed
     assert run_state.from_json(old) == s
     check_spans([(0, 0, 2), (1, 2, 5)], 5)
-    for bad, n in (([(0, 0, 2), (1, 3, 5)], 5), ([(0, 0, 2)], 3), ([(1, 0, 2), (0, 2, 3)], 3), ([], 2)):
+    for bad, n in (([(0, 0, 2), (1, 3, 5)], 5), ([(0, 0, 2)], 3), ([(1, 0, 2), (0, 1, 3)], 3), ([], 2),
+                   ([(0, 0, 0), (1, 0, 2)], 2)):
         with pytest.raises(ValueError, match="do not"):
             check_spans(bad, n)
 
