@@ -235,3 +235,44 @@ def test_abort_all(engine):
     assert sorted(engine.abort_all()) == [0, 1] and engine.in_flight() == 0
     assert not engine.llm.llm_engine.has_unfinished_requests()
     assert engine.step() == []
+
+
+@pytest.fixture(scope="module")
+def mp_engine(tiny_models):
+    """vLLM's multi-process engine core (the GPU default): it steps on its own, so an update pauses its scheduler."""
+    from megatron_async_rlhf.config import RolloutConfig, from_dict
+    from megatron_async_rlhf.rollout.base import EngineSettings, build_backend
+
+    rc = from_dict(RolloutConfig, {"vllm": {"kv_cache_gib": 0.0625, "engine_multiprocess": True,
+                                            "extra": {"block_size": 32}}})
+    eng = build_backend(EngineSettings(tiny_models["tiny-gqa"], 1, rc), 1)
+    assert not eng.core_in_process
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize("kv", ["recompute", "keep"])
+def test_multiprocess_engine_core_updates_between_steps(mp_engine, models, kv):
+    """The engine core runs ahead of step(), so where the split falls is vLLM's to say: whatever it says, the tokens
+    before it have A's log-probs and those after it B's (recompute) or the mixed model's (keep)."""
+    _load(mp_engine, models["A"], 0)
+    s = SamplingSettings(max_new_tokens=20, n=2, seed=11)
+    for i in range(3):
+        mp_engine.admit(i, _prompt(i + 6), s)
+    done = _run(mp_engine, 2, lambda: mp_engine.update_weights_between_steps(_receive(models["B"]), 1, kv))
+    straddled = 0
+    for x in (x for g in done.values() for x in g):
+        n = len(x.token_ids)
+        if len(x.versions) == 1:
+            assert x.versions == [(0, 0, n)] or x.versions == [(1, 0, n)]
+            continue
+        straddled += 1
+        (_, _, split), (v1, start, end) = x.versions
+        assert v1 == 1 and start == split and end == n and 0 < split < n
+        lp = torch.tensor(x.logprobs)
+        ref_a = _lp(_pure(models["A"], x.prompt_ids, x.token_ids), x.token_ids)
+        after = _pure(models["B"], x.prompt_ids, x.token_ids) if kv == "recompute" else \
+            _mixed(models["A"], models["B"], x.prompt_ids, x.token_ids, split)
+        assert (lp[:split] - ref_a[:split]).abs().max() < 1e-4
+        assert (lp[split:] - _lp(after, x.token_ids)[split:]).abs().max() < 1e-4
+    assert straddled >= 4

@@ -171,19 +171,14 @@ class VLLMBackend(RolloutBackend):
         outs = self.llm.generate([self._prompt(q) for q in sequences], params, use_tqdm=False)
         return [[o.prompt_logprobs[j][q[j]].logprob for j in range(1, len(q))] for q, o in zip(sequences, outs)]
 
-    # ----- streaming: the in-process engine's own step loop (LLMEngine.add_request / step) -----
-    def _check_streaming(self, what: str) -> None:
-        if not self.core_in_process:
-            raise NotImplementedError(
-                f"{what}: streaming generation needs the engine core in this process (rollout.vllm."
-                "engine_multiprocess=false); a multi-process engine core steps on its own and would need vLLM's "
-                "AsyncLLM pause_generation(mode='keep') around each weight update (not built yet)")
-
+    # ----- streaming: the engine's own step loop (LLMEngine.add_request / step) -----
+    # In-process engine core: step() runs one engine step in this thread, so between two calls nothing runs.
+    # Multi-process engine core: it steps on its own and step() collects what it produced; a weight update pauses
+    # its scheduler first (pause_scheduler "keep": requests and their KV stay) and resumes it after.
     def admit(self, group_id: int, prompt: list[int], sampling: SamplingSettings,
               prompt_index: int | None = None) -> None:
         """``sampling.n`` separate vLLM requests ``g<group>-<j>`` (each its own output; seeded ones get
         ``prompt_seed(seed, prompt_index) + j``, the seeds vLLM gives the n samples of :meth:`generate`)."""
-        self._check_streaming("admit")
         if group_id in self._groups:
             raise ValueError(f"group {group_id} is already in flight on engine {self.index}")
         s = sampling
@@ -197,7 +192,6 @@ class VLLMBackend(RolloutBackend):
                                             self._params(s, 1, None if base is None else base + j, final_only=True))
 
     def step(self) -> list[FinishedGroup]:
-        self._check_streaming("step")
         if not self._groups:
             return []
         done = []
@@ -228,15 +222,21 @@ class VLLMBackend(RolloutBackend):
         """``recompute``: after the load, ``reset_prefix_cache(reset_running_requests=True)`` preempts every running
         request (KV freed; it re-prefills prompt + generated tokens under the new weights at its next step) and empties
         the prefix cache. ``keep``: the running requests' KV stays; the per-version cache salt keeps new requests off
-        the old blocks."""
+        the old blocks. A multi-process engine core is paused around it (``pause_scheduler(mode="keep")``, then
+        ``resume_scheduler``): the tokens it sampled before the pause are labelled with the old version, whatever
+        :meth:`step` has collected so far."""
         if in_flight_kv not in self.IN_FLIGHT_KV:
             raise ValueError(f"in_flight_kv={in_flight_kv!r}: choose one of {self.IN_FLIGHT_KV}")
-        self._check_streaming("update_weights_between_steps")
         self._kv_mode = in_flight_kv
+        core = None if self.core_in_process else self.llm.llm_engine.engine_core
+        if core is not None:  # nothing is scheduled until resume; the caches are dealt with below, not by the pause
+            core.call_utility("pause_scheduler", "keep", False)
         try:
             stats = self.load_weight_stream(receive, version)
         finally:
             self._kv_mode = None
+            if core is not None:
+                core.call_utility("resume_scheduler")
         return {**stats, "in_flight": len(self._groups), "in_flight_kv": in_flight_kv}
 
     # a weight update: vLLM's weight-update lifecycle in every worker with the project's transfer backend
