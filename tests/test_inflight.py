@@ -134,7 +134,8 @@ def test_hf_backend_has_no_streaming(tiny_models):
 
 def test_round_and_streaming_samples_carry_vllm_version_labels(engine, models):
     """The round path (generate) and streaming with no update: one span at the engine's version, taken from vLLM's
-    labels; streaming's k separate requests get generate's seeds, so the same samples."""
+    labels; streaming's k separate requests get generate's seeds, so the same samples; generate and score while
+    groups are in flight."""
     _load(engine, models["A"], 3)
     assert engine.llm.llm_engine.get_weight_version() == "3"
     # the sync went through vLLM's weight-transfer lifecycle with the project's backend
@@ -146,8 +147,17 @@ def test_round_and_streaming_samples_carry_vllm_version_labels(engine, models):
     for i, p in enumerate(prompts):
         engine.admit(10 + i, p, s, prompt_index=5 + i)
     assert engine.in_flight() == 2
-    with pytest.raises(RuntimeError, match="streaming groups are in flight"):
-        engine.generate(prompts, s)
+    engine.step()
+    # generate and score beside the streaming requests: they run to the end, the streaming groups are not disturbed
+    greedy = engine.generate([_prompt(2)], SamplingSettings(temperature=0.0, max_new_tokens=30))[0]
+    ref = _pure(models["A"], greedy.prompt_ids, greedy.token_ids)
+    assert greedy.token_ids == ref.argmax(-1).tolist() and greedy.versions == [(3, 0, 30)]
+    seq = _prompt(3)[:12]
+    scored = torch.tensor(engine.score([seq])[0])
+    with torch.no_grad():
+        want = _lp(models["A"](torch.tensor([seq])).logits[0, :-1], seq[1:])
+    assert (scored - want).abs().max() < 1e-4
+    assert engine.in_flight() == 2  # both finished meanwhile (8 tokens < 30): kept for the next step()
     done = _run(engine)
     streamed = done[10] + done[11]
     assert [x.token_ids for x in streamed] == [x.token_ids for x in rounds]

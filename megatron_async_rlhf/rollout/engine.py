@@ -13,6 +13,7 @@ shared memory (``weight_stream``). vLLM's processes do not outlive this one, eve
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -108,6 +109,9 @@ class VLLMBackend(RolloutBackend):
         self.weight_dtype = self.llm.model_config.dtype  # rollout.dtype resolved (auto: from the checkpoint)
         self._groups: dict[int, _Group] = {}  # streaming: admitted groups not returned yet
         self._requests: dict[str, tuple[int, int]] = {}  # streaming: vLLM request id -> (group id, sample index)
+        self._ready: list[FinishedGroup] = []  # finished while generate/score ran beside the streaming requests
+        self._side: dict = {}  # generate/score beside streaming requests: request id -> its output once finished
+        self._calls = itertools.count()
         self.version = self.version  # vLLM labels every step with it (its initial label is "default")
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
                  settings.model, settings.tensor_parallel, self.in_process)
@@ -148,27 +152,47 @@ class VLLMBackend(RolloutBackend):
         return Sample(prompt_index, list(prompt), toks, lps, "length" if c.finish_reason == "length" else "stop",
                       min(v for v, _, _ in spans), self.index, versions=spans)
 
-    def _no_round_while_streaming(self, what: str) -> None:
-        if self._groups:  # LLM.generate would step (and swallow the outputs of) the streaming requests too
-            raise RuntimeError(f"{what} while {len(self._groups)} streaming groups are in flight: step them to the "
-                               "end or abort_all() first")
+    def _run(self, prompts: list[dict], params: list) -> list:
+        """vLLM's outputs of ``prompts`` (one RequestOutput each, in order). Nothing streaming in flight: ``LLM.generate``.
+        Otherwise the streaming requests share the engine: these requests are added beside them and the engine is
+        stepped until they finish; groups that finish meanwhile are kept for the next :meth:`step`."""
+        from vllm.sampling_params import RequestOutputKind
+
+        if not self._groups:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        ids = [f"call{next(self._calls)}-{i}" for i in range(len(prompts))]
+        self._side = dict.fromkeys(ids)
+        try:
+            for rid, prompt, p in zip(ids, prompts, params):
+                p = p.clone()
+                p.output_kind = RequestOutputKind.FINAL_ONLY  # one output with all n samples (as LLM.generate)
+                self.llm.llm_engine.add_request(rid, prompt, p)
+            while any(v is None for v in self._side.values()):
+                self._ready += self._collect(self.llm.llm_engine.step())
+            return [self._side[rid] for rid in ids]
+        finally:
+            left = [rid for rid, v in self._side.items() if v is None]
+            if left:
+                self.llm.llm_engine.abort_request(left)
+            self._side = {}
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings, first_index: int = 0) -> list[Sample]:
+        """As the interface says; with streaming groups in flight it runs beside them (their samples are not
+        disturbed; batching beside them may change these samples' numerics in the last bits)."""
         s = sampling
-        self._no_round_while_streaming("generate")
-        per_prompt = self._params(s, s.n, None) if s.seed is None else [
-            self._params(s, s.n, prompt_seed(s.seed, first_index + i)) for i in range(len(prompts))]
-        outs = self.llm.generate([self._prompt(p) for p in prompts], per_prompt, use_tqdm=False)
+        per_prompt = [self._params(s, s.n, None if s.seed is None else prompt_seed(s.seed, first_index + i))
+                      for i in range(len(prompts))]
+        outs = self._run([self._prompt(p) for p in prompts], per_prompt)
         return [self._sample(first_index + i, prompt, c) for i, (prompt, out) in enumerate(zip(prompts, outs))
                 for c in out.outputs]
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Log-probs of each sequence's tokens 1..L-1 under the current weights (vLLM prompt log-probs, T=1)."""
+        """Log-probs of each sequence's tokens 1..L-1 under the current weights (vLLM prompt log-probs, T=1); with
+        streaming groups in flight it runs beside them, as :meth:`generate`."""
         from vllm import SamplingParams
 
-        self._no_round_while_streaming("score")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate([self._prompt(q) for q in sequences], params, use_tqdm=False)
+        outs = self._run([self._prompt(q) for q in sequences], [params] * len(sequences))
         return [[o.prompt_logprobs[j][q[j]].logprob for j in range(1, len(q))] for q, o in zip(sequences, outs)]
 
     # ----- streaming: the engine's own step loop (LLMEngine.add_request / step) -----
@@ -192,11 +216,24 @@ class VLLMBackend(RolloutBackend):
                                             self._params(s, 1, None if base is None else base + j, final_only=True))
 
     def step(self) -> list[FinishedGroup]:
-        if not self._groups:
-            return []
+        """One engine step (none when nothing is in flight) and the groups it finished, after any that finished
+        while :meth:`generate` / :meth:`score` ran beside them."""
+        done, self._ready = self._ready, []
+        if self._groups:
+            done += self._collect(self.llm.llm_engine.step())
+        return done
+
+    def _collect(self, outputs) -> list[FinishedGroup]:
+        """File vLLM's finished outputs: a streaming sample into its group (returned once complete), a side
+        request's output (``_run``) into ``_side``."""
         done = []
-        for out in self.llm.llm_engine.step():
-            if not out.finished or out.request_id not in self._requests:
+        for out in outputs:
+            if not out.finished:
+                continue
+            if out.request_id in self._side:
+                self._side[out.request_id] = out
+                continue
+            if out.request_id not in self._requests:
                 continue
             gid, j = self._requests.pop(out.request_id)
             group = self._groups[gid]
@@ -208,14 +245,15 @@ class VLLMBackend(RolloutBackend):
         return done
 
     def in_flight(self) -> int:
-        return len(self._groups)
+        return len(self._groups) + len(self._ready)
 
     def abort_all(self) -> list[int]:
-        ids, groups = list(self._requests), sorted(self._groups)
+        ids, groups = list(self._requests), sorted([*self._groups, *(g.group_id for g in self._ready)])
         if ids:
             self.llm.llm_engine.abort_request(ids)
         self._requests.clear()
         self._groups.clear()
+        self._ready = []
         return groups
 
     def update_weights_between_steps(self, receive, version: int, in_flight_kv: str = "recompute") -> dict:
