@@ -237,11 +237,17 @@ def test_keep_update_new_request_never_hits_old_prefix_blocks(engine, models):
     assert old.versions[0] == (0, 0, 3) and old.token_ids != late.token_ids
 
 
-def test_abort_all(engine):
+def test_abort_all(engine, models):
     s = SamplingSettings(max_new_tokens=50, n=2, seed=1)
     engine.admit(0, _prompt(0), s)
     engine.admit(1, _prompt(1), s)
     engine.step()
+    with pytest.raises(ValueError, match="group 1 is already in flight"):
+        engine.admit(1, _prompt(1), s)
+    with pytest.raises(RuntimeError, match="use update_weights_between_steps"):
+        engine.load_weight_stream(_receive(models["A"]), 9)
+    with pytest.raises(ValueError, match="in_flight_kv='drop'"):
+        engine.update_weights_between_steps(_receive(models["A"]), 9, "drop")
     assert sorted(engine.abort_all()) == [0, 1] and engine.in_flight() == 0
     assert not engine.llm.llm_engine.has_unfinished_requests()
     assert engine.step() == []

@@ -112,6 +112,8 @@ class VLLMBackend(RolloutBackend):
         self._ready: list[FinishedGroup] = []  # finished while generate/score ran beside the streaming requests
         self._side: dict = {}  # generate/score beside streaming requests: request id -> its output once finished
         self._calls = itertools.count()
+        self._kv_mode: str | None = None  # during update_weights_between_steps: its in_flight_kv
+        self._updating = False  # between start_weight_update and finish_weight_update
         self.version = self.version  # vLLM labels every step with it (its initial label is "default")
         log.info("engine %d up in %.1f s (%s, tp=%d, in-process=%s)", index, time.perf_counter() - t0,
                  settings.model, settings.tensor_parallel, self.in_process)
@@ -282,6 +284,9 @@ class VLLMBackend(RolloutBackend):
     def begin_weight_update(self) -> None:
         from megatron_async_rlhf.rollout.weight_stream import BucketRing
 
+        if self._requests and self._kv_mode is None:
+            raise RuntimeError(f"engine {self.index}: a weight update with {len(self._groups)} streaming groups in "
+                               "flight must say what happens to their KV cache: use update_weights_between_steps")
         self._ring = BucketRing(shared=not self.in_process)  # workers in other processes map shared memory
         self.llm.collective_rpc("start_weight_update")
         self._updating = True
@@ -301,16 +306,16 @@ class VLLMBackend(RolloutBackend):
         workers = self.llm.collective_rpc("mrlhf_finish_stats")
         if not self._requests:  # nothing holds a block: every cached prefix goes
             self.llm.reset_prefix_cache()
-        elif getattr(self, "_kv_mode", None) == "keep":
+        elif self._kv_mode == "keep":
             pass  # blocks in use cannot be reset; the cache salt (next version) keeps new requests off the old ones
-        else:  # recompute (also what a plain load_weight_stream with streaming requests in flight does)
+        else:  # recompute
             if not self.llm.llm_engine.reset_prefix_cache(reset_running_requests=True):
                 raise RuntimeError("vLLM did not reset its prefix cache after preempting the running requests")
         return {"tensors": workers[0]["tensors"], "worker_pids": [w["pid"] for w in workers],
                 "peak_extra_by_process": {w["pid"]: w["peak_extra_bytes"] for w in workers if w["pid"] != os.getpid()}}
 
     def end_weight_update(self) -> None:
-        if getattr(self, "_updating", False):  # the update failed half-way: close vLLM's session (weights are mixed)
+        if self._updating:  # the update failed half-way: close vLLM's session (weights are mixed)
             self._updating = False
             try:
                 self.llm.collective_rpc("finish_weight_update")
