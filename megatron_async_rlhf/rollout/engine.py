@@ -155,8 +155,8 @@ class VLLMBackend(RolloutBackend):
                       min(v for v, _, _ in spans), self.index, versions=spans)
 
     def _run(self, prompts: list[dict], params: list) -> list:
-        """vLLM's outputs of ``prompts`` (one RequestOutput each, in order). Nothing streaming in flight: ``LLM.generate``.
-        Otherwise the streaming requests share the engine: these requests are added beside them and the engine is
+        """vLLM's outputs of ``prompts`` (one RequestOutput each, in order). Nothing streaming in flight:
+        ``LLM.generate``. Otherwise the streaming requests share the engine: these requests are added beside them and the engine is
         stepped until they finish; groups that finish meanwhile are kept for the next :meth:`step`."""
         from vllm.sampling_params import RequestOutputKind
 
