@@ -292,3 +292,22 @@ def test_multiprocess_engine_core_updates_between_steps(mp_engine, models, kv):
         assert (lp[:split] - ref_a[:split]).abs().max() < 1e-4
         assert (lp[split:] - _lp(after, x.token_ids)[split:]).abs().max() < 1e-4
     assert straddled >= 4
+
+
+def test_a_failed_update_leaves_the_engine_updatable(engine, models):
+    """A sync that dies half-way (the learner's stream broke) closes vLLM's weight-update session, so the next sync
+    starts cleanly and leaves the engine exactly on the weights it sent."""
+    full = _receive(models["B"], bucket_bytes=20_000)
+
+    def broken(alloc):
+        for i, item in enumerate(full(alloc)):
+            if i == 3:
+                raise ConnectionError("learner went away")
+            yield item
+
+    with pytest.raises(ConnectionError, match="went away"):
+        engine.load_weight_stream(broken, 7)
+    _load(engine, models["A"], 8)
+    out = engine.generate([_prompt(4)], SamplingSettings(temperature=0.0, max_new_tokens=6))[0]
+    assert out.versions == [(8, 0, len(out.token_ids))]
+    assert out.token_ids == _pure(models["A"], out.prompt_ids, out.token_ids).argmax(-1).tolist()
