@@ -55,18 +55,64 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") >> 2  # 62 bits: room for + n
 
 
+Span = tuple[int, int, int]  # (policy version, start, end): output tokens [start, end) were sampled by that version
+
+
 @dataclass
 class Sample:
-    """One completion. ``logprobs[i]`` is the sampler's log-prob of ``token_ids[i]`` (after temperature)."""
+    """One completion. ``logprobs[i]`` is the sampler's log-prob of ``token_ids[i]`` (after temperature).
+
+    ``versions`` says which weights sampled which tokens: contiguous spans ``(version, start, end)`` over the output
+    token indexes, covering ``[0, len(token_ids))`` in order. A sample made between two weight updates has one span
+    (the default: every token at ``version``); one that was in flight while the engine's weights changed (the fully
+    asynchronous schedule, :meth:`RolloutBackend.update_weights_between_steps`) has one span per version it saw.
+    ``version`` is the OLDEST of them (the staleness that matters), :attr:`newest_version` the newest."""
 
     prompt_index: int
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (a stop token / EOS) or "length" (max_new_tokens reached)
-    version: int  # the policy version (learner optimizer steps) of the weights that produced it
+    version: int  # the policy version (learner optimizer steps) of the (oldest) weights that produced it
     engine: int = 0
     reward: float | None = None  # raw reward, when scored on the rollout pool (reward.placement=rollout)
+    versions: list[Span] | None = None  # None: one span, every token at ``version`` (filled in on construction)
+
+    def __post_init__(self):
+        if self.versions is None:
+            self.versions = [(self.version, 0, len(self.token_ids))]
+        else:
+            self.versions = [tuple(int(x) for x in span) for span in self.versions]
+
+    @property
+    def newest_version(self) -> int:
+        """The newest policy version that sampled any of this sample's tokens (= ``version`` for a single span)."""
+        return max(v for v, _, _ in self.versions)
+
+    def token_versions(self) -> list[int]:
+        """The policy version that sampled each output token (``len(token_ids)`` entries)."""
+        return [v for v, start, end in self.versions for _ in range(start, end)]
+
+
+def check_spans(spans: list[Span], num_tokens: int) -> None:
+    """Raise ValueError unless ``spans`` are contiguous, non-empty and in order, and cover exactly
+    ``[0, num_tokens)``. (Versions normally increase from span to span; that is the caller's to check.)"""
+    pos = 0
+    for _, start, end in spans:
+        if start != pos or end <= start:
+            raise ValueError(f"version spans {spans} do not tile [0, {num_tokens}) in order")
+        pos = end
+    if pos != num_tokens or (num_tokens and not spans):
+        raise ValueError(f"version spans {spans} do not cover [0, {num_tokens})")
+
+
+@dataclass
+class FinishedGroup:
+    """A prompt group finished by the streaming interface (:meth:`RolloutBackend.step`): every one of its samples
+    (``sampling.n`` of them, in sample order) of the group admitted as ``group_id``."""
+
+    group_id: int
+    samples: list[Sample]
 
 
 @dataclass(frozen=True)
@@ -84,7 +130,8 @@ Bucket = tuple[list, torch.Tensor]  # (header, flat bytes) as ``weights.sync.rec
 
 class RolloutBackend(abc.ABC):
     """One rollout engine. Built once per rollout rank (``build_backend(settings, index)``); the server calls its
-    methods one at a time, so weights change only between calls unless a backend supports :meth:`pause`."""
+    methods one at a time, so weights change only between calls: between two whole requests (:meth:`generate`), or,
+    streaming (:meth:`admit` / :meth:`step`), between two engine steps with requests in flight."""
 
     name: str = ""  # set by @register_backend
     # the dtype the engine holds its weights in, set once it is up: the learner stages a sync's tensors in it
@@ -161,10 +208,55 @@ class RolloutBackend(abc.ABC):
         self.version = version
         return stats
 
+    # ----- streaming (the fully asynchronous schedule): requests live across calls and across weight updates -----
+    # The caller drives the engine: admit groups whenever it likes, call step() while in_flight() > 0, and update the
+    # weights between two steps. Weights then change mid-request; every Sample says which version sampled which of
+    # its tokens (Sample.versions). Backends without it (rollout.backend=hf) raise NotImplementedError.
+    IN_FLIGHT_KV = ("recompute", "keep")
+
+    def _no_streaming(self, what: str):
+        return NotImplementedError(
+            f"rollout.backend={self.name!r} has no streaming generation ({what}): it only generates whole requests "
+            "between weight updates (generate). Use rollout.backend=vllm for the fully asynchronous schedule")
+
+    def admit(self, group_id: int, prompt: list[int], sampling: SamplingSettings,
+              prompt_index: int | None = None) -> None:
+        """Queue one prompt group: ``sampling.n`` samples of ``prompt``, generated by later :meth:`step` calls and
+        returned together by the step that finishes the last of them. ``group_id`` must not be in flight already.
+        ``prompt_index`` (default ``group_id``) is the samples' ``prompt_index`` and, with ``sampling.seed``, picks
+        their seeds exactly as :meth:`generate` does for request prompt ``prompt_index``."""
+        raise self._no_streaming("admit")
+
+    def step(self) -> list[FinishedGroup]:
+        """Run one engine step (one decoding step of every running request, prefill of newly admitted ones) and
+        return the groups it finished (possibly none)."""
+        raise self._no_streaming("step")
+
+    def in_flight(self) -> int:
+        """How many admitted groups have not been returned by :meth:`step` yet."""
+        raise self._no_streaming("in_flight")
+
+    def abort_all(self) -> list[int]:
+        """Drop every group in flight (their partial samples are lost); returns their group ids."""
+        raise self._no_streaming("abort_all")
+
+    def update_weights_between_steps(self, receive: Callable[[Callable[[int], torch.Tensor]], Iterator[Bucket]],
+                                     version: int, in_flight_kv: str = "recompute") -> dict:
+        """:meth:`load_weight_stream` while groups are in flight (between two :meth:`step` calls); their later
+        tokens are sampled by the new weights and labelled ``version``. ``in_flight_kv`` says what happens to the
+        KV cache the old weights computed for them: ``recompute`` drops it (the requests are preempted and
+        re-prefilled under the new weights, so every later token is sampled by exactly ``version``); ``keep`` keeps
+        it (no recompute; later tokens are sampled by a MIXED model: old-weight keys/values for the positions before
+        the update, new weights for the rest). Either way a request admitted later never reuses cached prefix blocks
+        computed by older weights. Returns the load's stats plus ``in_flight`` (groups in flight) and
+        ``in_flight_kv``."""
+        raise self._no_streaming("update_weights_between_steps")
+
     def pause(self) -> None:
-        """Stop generating between decoding steps so weights can change mid-request. A no-op for backends that only
-        change weights between calls (both today's); the fully async schedule will use vLLM's
-        ``pause_generation`` here."""
+        """Nothing to do for either of today's backends: both run in the caller's thread, so between two calls
+        (generate, or streaming :meth:`step`) nothing is generating and weights can change. A backend whose engine
+        generates on its own (vLLM's AsyncLLM / multi-process engine core) stops it here, keeping its requests
+        (``pause_generation(mode="keep")``)."""
 
     def resume(self) -> None:
         """Continue what :meth:`pause` stopped (a no-op where pause is)."""

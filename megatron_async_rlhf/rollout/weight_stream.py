@@ -1,5 +1,6 @@
 """The vLLM backend's side of a weight sync: received buckets streamed into vLLM's workers, each loaded on arrival
-(driven by ``RolloutBackend.load_weight_stream``), and the process-memory helpers every backend's stats use.
+(driven by ``RolloutBackend.load_weight_stream``, loaded by vLLM's weight-update lifecycle with the project's
+``mrlhf_shm`` transfer backend, ``transfer_backend.py``), and the process-memory helpers every backend's stats use.
 
 In-process engines get each bucket's tensors (views of the received buffer) directly. Multi-process engines (vLLM's
 ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, one worker process per TP rank) get the name of a shared-memory file that the
@@ -115,11 +116,14 @@ def unpack_shared(desc: dict, maps: dict | None = None) -> list[tuple[str, torch
 
 
 def load_bucket(llm, header: Header, flat: torch.Tensor) -> None:
-    """Load one received bucket into every worker of ``llm``: the shared-memory file's name when ``flat`` was made by
-    ``shm_alloc`` (workers in other processes map it), else the (name, tensor) views themselves (in-process)."""
+    """Load one received bucket into every worker of ``llm`` (vLLM's ``update_weights``, our ``mrlhf_shm`` transfer
+    backend): the shared-memory file's name when ``flat`` was made by ``shm_alloc`` (workers in other processes map
+    it), else the (name, tensor) views themselves, registered in this process (in-process workers)."""
+    from megatron_async_rlhf.rollout.transfer_backend import put_tensors
+
     path = _SHM_PATHS.get(_key(flat))
     if path is not None:
-        desc = {"shm": path, "capacity": flat.untyped_storage().nbytes(), "header": header}
-        llm.collective_rpc("load_weight_bucket", args=(desc,))
+        info = {"shm": path, "capacity": flat.untyped_storage().nbytes(), "header": header}
     else:
-        llm.collective_rpc("load_weight_bucket", args=(unpack(header, flat),))
+        info = put_tensors(unpack(header, flat))
+    llm.collective_rpc("update_weights", kwargs={"update_info": info})
