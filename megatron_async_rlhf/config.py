@@ -149,6 +149,12 @@ class RolloutConfig:
     engine's processes are killed and it restarts. None: 0.8 x ``cluster.timeout_s`` (the learner gives up on an
     engine after ``cluster.timeout_s``; the engine must give up on itself first). Must be < ``cluster.timeout_s``."""
 
+    in_flight_kv: str = "recompute"
+    """``schedule=fully_async``: what happens to the KV cache of the sequences in flight when new weights arrive
+    between two engine steps. ``recompute``: dropped, the sequences are re-prefilled under the new weights, so every
+    later token is sampled by exactly the new version; ``keep``: kept (no recompute; later tokens come from a mixed
+    model: old-weight keys/values before the update, new weights after). See docs/weight_sync.md."""
+
     RENAMED = {k: f"rollout.vllm.{k}" for k in
                ("kv_cache_gib", "gpu_memory_utilization", "engine_multiprocess", "enforce_eager", "extra")}
     """Old flat names (before the backend interface) -> their new place, which from_dict's error names."""
@@ -166,6 +172,8 @@ class RolloutConfig:
         if self.hang_timeout_s is not None and not self.hang_timeout_s > 0:
             raise ConfigError(f"rollout.hang_timeout_s={self.hang_timeout_s} must be > 0, or null for 0.8 x "
                               "cluster.timeout_s")
+        if self.in_flight_kv not in ("recompute", "keep"):
+            raise ConfigError(f"rollout.in_flight_kv={self.in_flight_kv!r}: use recompute or keep")
         return self
 
 
@@ -617,6 +625,12 @@ class RunConfig:
     start afresh. Fields that decide the run's numbers (model, data, algorithm except ``steps``, reward, seeds,
     precision; mode=rm: rm except ``steps``, ``eval_every`` and ``micro_batch``) must equal the checkpoint's; the
     learner's TP/PP/DP may differ."""
+    schedule: str = "rounds"
+    """mode=rl's schedule (``schedules/``): ``rounds`` (generation in rounds between weight pushes: synchronous,
+    one-step or N-step off-policy, ``schedules/rounds.py``) or ``fully_async`` (engines generate continuously; prompt
+    groups are admitted as the staleness bound allows, trained first admitted first, and weights reach the engines
+    between two of their decoding steps after every optimizer step, ``schedules/fully_async.py``). fully_async needs
+    rollout.backend=vllm, algorithm.off_policy_n=1, and no checkpoint.every or resume yet."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -655,6 +669,7 @@ class RunConfig:
         if self.mode == "rl" and self.checkpoint.every % self.algorithm.off_policy_n:
             raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of algorithm.off_policy_n="
                               f"{self.algorithm.off_policy_n}: checkpoints fall between rounds")
+        self._validate_schedule()
         if self.sft.steps < 0 or self.sft.batch_size < 1 or not self.sft.lr > 0:
             raise ConfigError(f"sft.steps={self.sft.steps}, sft.batch_size={self.sft.batch_size}, sft.lr={self.sft.lr}: "
                               "steps must be >= 0, batch_size >= 1 and lr > 0")
@@ -725,6 +740,27 @@ class RunConfig:
                               f"({self.rollout.max_model_len}): the context cannot hold prompt + eval completion")
         return self
 
+    def _validate_schedule(self) -> None:
+        from megatron_async_rlhf.schedules import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}: use one of {sorted(SCHEDULES)}")
+        if self.schedule == "rounds":
+            return
+        if self.mode != "rl":
+            raise ConfigError(f"schedule={self.schedule} schedules RL generation; mode={self.mode} has none. Fix: "
+                              "drop schedule (rounds) or use mode=rl")
+        if self.rollout.backend != "vllm":
+            raise ConfigError(f"schedule=fully_async streams prompt groups through the engines' step loop, which "
+                              f"rollout.backend={self.rollout.backend!r} does not have. Fix: rollout.backend=vllm, or "
+                              "schedule=rounds")
+        if self.algorithm.off_policy_n != 1:
+            raise ConfigError(f"schedule=fully_async trains every mini-batch on its own (algorithm.off_policy_n="
+                              f"{self.algorithm.off_policy_n}). Fix: algorithm.off_policy_n=1, or schedule=rounds")
+        if self.resume or self.checkpoint.every:
+            raise ConfigError("schedule=fully_async cannot checkpoint or resume yet (resume, checkpoint.every): the "
+                              "groups in flight are not saved. Fix: unset them, or use schedule=rounds")
+
     @property
     def eval_max_new_tokens(self) -> int:
         return self.eval.max_new_tokens or self.algorithm.max_new_tokens
@@ -744,5 +780,5 @@ def run_config_from_dict(d: dict) -> RunConfig:
     if d.get("mode") == "rm" and "prompt_key" not in (d.get("data") or {}):
         d["data"] = {**(d.get("data") or {}), "prompt_key": "prompt"}  # preference data's column (HH-RLHF, UltraFeedback)
     kw = {k: from_dict(classes[k], d.get(k), k) for k in classes}  # messages name the section as users write it
-    kw.update({k: d[k] for k in ("mode", "seed", "pin_cpus", "resume") if k in d})
+    kw.update({k: d[k] for k in ("mode", "seed", "pin_cpus", "resume", "schedule") if k in d})
     return RunConfig(**kw)

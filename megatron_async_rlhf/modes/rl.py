@@ -2,7 +2,8 @@
 
     rollout pool:  serve() (rollout/server.py)          reward ranks: serve_rewards() (reward.placement=dedicated)
     learner pool:  train() below: warm start (modes/sft.py) -> push v0, evaluate -> each mini-batch the schedule
-                   (schedules/rounds.py) hands out: rewards -> rl_step (learner/step.py) -> log, export, checkpoint
+                   (schedules/rounds.py, or fully_async.py: ``schedule``) hands out: rewards -> rl_step
+                   (learner/step.py) -> log, export, checkpoint
                    -> push the final weights, evaluate, export
 
 The schedule decides when rounds are requested, collected and trained and when weights move, and states and asserts
@@ -63,8 +64,7 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
     from megatron_async_rlhf.rewards.placement import controller_scorer, learner_rewards
     from megatron_async_rlhf.rollout.base import SamplingSettings
     from megatron_async_rlhf.rollout.client import RolloutClient
-    from megatron_async_rlhf.schedules import ENGINES_IDLE
-    from megatron_async_rlhf.schedules.rounds import Rounds
+    from megatron_async_rlhf.schedules import ENGINES_IDLE, schedule_class
 
     ac = cfg.algorithm
     data = PromptData(cfg, model_path)
@@ -91,8 +91,8 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
             run_state.load_critic(resume_path, critic)
         sampling = SamplingSettings(temperature=ac.temperature, top_p=ac.top_p, max_new_tokens=ac.max_new_tokens,
                                     n=ac.samples_per_prompt, stop_token_ids=data.stops)
-        schedule = Rounds(client, policy, prompts, sampling, ac.steps, ac.max_staleness, ac.off_policy_n,
-                          ac.sync_every_step, resume)
+        schedule = schedule_class(cfg.schedule)(client, policy, prompts, sampling, ac.steps, ac.max_staleness,
+                                                ac.off_policy_n, ac.sync_every_step, resume)  # rounds | fully_async
         saved_at = [saved["step"] if saved else 0]  # the newest checkpoint's step
 
         def checkpoint() -> str:  # collective over the learner pool, between two rounds
@@ -123,7 +123,7 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
                     continue
                 stop = stop_agreed(ctx.store)  # a SIGTERM/SIGINT anywhere: every learner rank stops here
                 if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    path = checkpoint()
+                    path = checkpoint() if getattr(schedule, "can_checkpoint", True) else None  # fully_async: not yet
                 if stop:
                     log.warning("stopped after RL step %d; continue with resume=auto", step)
                     return {"stopped_after_step": step, "checkpoint": path} if ctx.is_controller else None
@@ -165,7 +165,7 @@ def _checkpoint_if_engines_fail(schedule, saved_at: list, checkpoint):
     try:
         yield
     except RolloutError as e:
-        if schedule.version > saved_at[0]:
+        if schedule.version > saved_at[0] and getattr(schedule, "can_checkpoint", True):
             log.error("%s; writing a checkpoint of step %d first (continue with resume=auto)", e, schedule.version)
             checkpoint()
         raise

@@ -210,7 +210,6 @@ def text_scores_handler(reward_cfg, model_path: str):
 
 def score_texts_remotely(client, prompts: list, completions: list[str]) -> list[float]:
     """Controller: the run's raw rewards of given texts, scored on the rollout side (the first engine)."""
-    ch = client.ctx.control
-    ch.send_obj({"cmd": TEXT_SCORES, "prompts": prompts, "completions": completions}, 1,
-                f"sending {len(prompts)} texts to score")
-    return ch.recv_obj(1, f"scoring {len(prompts)} texts")["rewards"]
+    client.command(0, {"cmd": TEXT_SCORES, "prompts": prompts, "completions": completions},
+                   f"sending {len(prompts)} texts to score")
+    return client.ctx.control.recv_obj(1, f"scoring {len(prompts)} texts")["rewards"]

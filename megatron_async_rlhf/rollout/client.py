@@ -25,6 +25,12 @@ from megatron_async_rlhf.weights.sync import PackBuffers, dtype_from_name, send_
 log = logging.getLogger(__name__)
 
 
+def doorbell(session: str, engine: int) -> str:
+    """The store key counting the commands sent to ``engine`` since it started streaming (see
+    :meth:`RolloutClient.command`)."""
+    return f"{session}/doorbell{engine}"
+
+
 class RolloutClient:
     def __init__(self, ctx: ClusterContext):
         self.ctx = ctx
@@ -34,6 +40,7 @@ class RolloutClient:
         self.last_collect: dict = {}  # reward_s (longest engine's scoring), collect_wait_s of the last collect()
         self._pack_buffers = PackBuffers()  # a stage owner's two reusable send buffers
         self.events: list[dict] = []  # engine restarts since the loop last took them (controller only)
+        self._streaming = False  # groups were admitted (schedule=fully_async): commands ring a doorbell first
         box = [None]
         if ctx.is_controller:  # engines report once they are up; nothing is timed before that
             ready = [ctx.control.recv_obj(e + 1, "starting up (loading the model)", timeout_s=ctx.cfg.startup_timeout_s)
@@ -45,6 +52,14 @@ class RolloutClient:
         # the whole learner pool starts once the rollout pool is up, knowing the engines' weight dtype
         dist.broadcast_object_list(box, src=0)
         self.engine_dtype = dtype_from_name(box[0])  # syncs are staged in it (weights.sync.wire_dtype)
+
+    def command(self, engine: int, msg: dict, what: str) -> None:
+        """Send a command to ``engine`` (0-based). Once groups were admitted (streaming) the engine steps between
+        commands and reads one only when its doorbell rings (a counter in the store, which it can check without
+        blocking: a posted gloo receive cannot be polled), so every command rings it first."""
+        if self._streaming:
+            self.ctx.store.add(doorbell(self.ctx.session, engine), 1)
+        self.ctx.control.send_obj(msg, engine + 1, what)
 
     # ----- generation (controller only) ------------------------------------------------------------------------
     def submit_generate(self, prompts: list[list[int]], sampling: SamplingSettings, rows: list | None = None) -> None:
@@ -60,10 +75,9 @@ class RolloutClient:
             chunk = prompts[e * per:(e + 1) * per]
             if not chunk:
                 continue
-            self.ctx.control.send_obj({"cmd": "generate", "prompts": chunk, "sampling": sampling,
-                                       "first_index": e * per,
-                                       "rows": rows[e * per:(e + 1) * per] if rows is not None else None},
-                                      e + 1, f"sending {len(chunk)} prompts")
+            self.command(e, {"cmd": "generate", "prompts": chunk, "sampling": sampling, "first_index": e * per,
+                             "rows": rows[e * per:(e + 1) * per] if rows is not None else None},
+                         f"sending {len(chunk)} prompts")
             self._pending.append((e + 1, len(chunk)))
 
     def _reply(self, peer: int, what: str):
@@ -123,8 +137,23 @@ class RolloutClient:
 
     def score(self, sequences: list[list[int]], engine: int = 0) -> list[list[float]]:
         """The engine's log-probs of given sequences (tokens 1..L-1) under its current weights."""
-        self.ctx.control.send_obj({"cmd": "score", "sequences": sequences}, engine + 1, "sending sequences to score")
+        self.command(engine, {"cmd": "score", "sequences": sequences}, "sending sequences to score")
         return self._replies([(engine + 1, f"scoring {len(sequences)} sequences")])[0]["logprobs"]
+
+    # ----- streaming (controller only; schedule=fully_async): rollout/server.py's _Streaming ------------------------
+    def admit(self, engine: int, groups: list[dict]) -> None:
+        """Queue prompt groups on ``engine`` (0-based), each ``{"id", "prompt", "index", "sampling", "row"}``; the
+        engine generates them between commands, weight syncs included, until they are polled."""
+        assert self.ctx.is_controller, "only learner rank 0 talks to the engines"
+        self._streaming = True  # from now on every command rings the engines' doorbells
+        self.command(engine, {"cmd": "admit", "groups": groups}, f"admitting {len(groups)} groups")
+
+    def poll(self, engine: int, wait: bool = False) -> dict:
+        """``engine``'s finished groups not returned yet (``{"groups": [FinishedGroup], "in_flight", "busy_s",
+        "up_s", "reward_s"}``); ``wait``: only once at least one has finished (or nothing is in flight)."""
+        assert self.ctx.is_controller, "only learner rank 0 talks to the engines"
+        self.command(engine, {"cmd": "poll", "wait": wait}, "polling finished groups")
+        return self._replies([(engine + 1, "generating prompt groups")])[0]
 
     # ----- weights (every learner rank) ------------------------------------------------------------------------
     def sync_weights(self, model, info, cfg, version: int) -> dict:
@@ -164,8 +193,8 @@ class RolloutClient:
 
         if self.ctx.is_controller:
             for e in range(self.engines):
-                self.ctx.control.send_obj({"cmd": "sync", "version": version, "stages": info.pp}, e + 1,
-                                          f"starting weight sync v{version}")
+                self.command(e, {"cmd": "sync", "version": version, "stages": info.pp},
+                             f"starting weight sync v{version}")
         if ps.get_data_parallel_rank() == 0:
             bucket = int(self.ctx.cfg.bucket_mb * 2**20)
             dtype = wire_dtype(next(model.parameters()).dtype, self.engine_dtype)  # converted before it leaves
@@ -186,6 +215,8 @@ class RolloutClient:
                  "engine_load_s": max(a["load_s"] for a in acks), "tensors": acks[0]["tensors"],
                  "engine_peak_extra_bytes": max(a["peak_extra_bytes"] for a in acks),
                  "max_bucket_bytes": max(a["max_bucket_bytes"] for a in acks), "buckets": acks[0]["buckets"]}
+        if any("in_flight" in a for a in acks):  # streaming (schedule=fully_async): groups the new weights continue
+            stats["sync_in_flight_groups"] = sum(a.get("in_flight", 0) for a in acks)
         log.info("weight sync v%d: %.3f s, %.2f MB to %d engine(s), %.3f GB/s effective (engine load %.3f s, peak "
                  "extra engine memory %.1f MB)", version, secs, nbytes / 1e6, self.engines, stats["sync_gbps"],
                  stats["engine_load_s"], stats["engine_peak_extra_bytes"] / 1e6)
@@ -205,7 +236,7 @@ class RolloutClient:
         try:
             for e in range(self.engines):
                 try:
-                    self.ctx.control.send_obj({"cmd": "shutdown"}, e + 1, "asking to shut down")
+                    self.command(e, {"cmd": "shutdown"}, "asking to shut down")
                     out.append(self._reply(e + 1, "shutting down"))
                 except RolloutError as err:  # a dead engine rank: stop the others all the same
                     errors.append(err)

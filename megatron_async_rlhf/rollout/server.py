@@ -1,6 +1,12 @@
 """The rollout rank's loop: take commands from the learner's controller over bridge 0, one at a time.
 
-Weights change only between commands, so a generation call never mixes two weight versions. The engine is held by a
+Weights change only between commands, so a generation call never mixes two weight versions. The fully asynchronous
+schedule (``schedules/fully_async.py``) streams instead (:class:`_Streaming`): ``admit`` queues prompt groups, the
+loop steps the engine between commands while any is in flight, ``poll`` returns the groups finished (scored) so far,
+and a ``sync`` that arrives then is loaded between two engine steps (the groups in flight continue under the new
+weights). While streaming, the loop looks for a command only when its doorbell rings (``client.doorbell``: a store
+counter the controller raises before each command; a posted gloo receive cannot be polled). Every message of the engine answers a command of the controller (request/response), so the engine never
+blocks on a send while the learner pushes weights. The engine is held by a
 supervisor (``supervisor.py``): an engine that dies or hangs is restarted with the weights it held and the command
 repeated; the controller is told first (``{"event": ...}`` messages before the answer). An engine that cannot be
 restarted answers ``{"failed": why}`` and waits for the shutdown.
@@ -17,6 +23,7 @@ import torch
 
 from megatron_async_rlhf.cluster import ClusterContext, wait_for_key
 from megatron_async_rlhf.rollout.base import EngineSettings, RolloutBackend, build_backend
+from megatron_async_rlhf.rollout.client import doorbell
 from megatron_async_rlhf.rollout.supervisor import EngineGaveUp, EngineSupervisor
 from megatron_async_rlhf.weights.sync import recv_buckets
 
@@ -62,7 +69,7 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None, handlers: 
     the core protocol (generate, score, sync, shutdown), by name: a mode's own commands (``modes/rl``: ``score_texts``)
     or a tool's (``tools/bench_weight_sync.py``)."""
     handlers = handlers or {}
-    clash = sorted(set(handlers) & {"shutdown", "generate", "score", "sync"})
+    clash = sorted(set(handlers) & {"shutdown", "generate", "score", "sync", *_Streaming.COMMANDS})
     if clash:
         raise ValueError(f"extra rollout commands {clash} would replace production ones")
     if ctx.role.kind == "idle":  # an engine's non-leader rank: vLLM's own workers drive its device (or, on CPU, cores)
@@ -91,11 +98,21 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None, handlers: 
 
         reward_fn = RewardFn(reward, AutoTokenizer.from_pretrained(settings.model))
     failed = None  # why this engine is gone for good: every later command is answered with it
+    streaming = _Streaming(ctx, sup, reward_fn, rc.in_flight_kv)
     while True:
+        if streaming.groups and not streaming.rung():  # groups in flight: generate until a command comes
+            streaming.step()
+            continue
         msg = ch.recv_obj(0, "waiting for a command from the learner", timeout_s=ctx.cfg.idle_timeout_s)
         cmd = msg["cmd"]
+        streaming.received(cmd)
         stats["restarts"] = sup.restarts
+        if cmd in _Streaming.COMMANDS or (cmd == "sync" and streaming.groups):
+            streaming.command(msg, stats)
+            continue
         if cmd == "shutdown":
+            if streaming.groups:
+                sup.engine.abort_all()
             if ctx.reward_bridge is not None:
                 ctx.reward_bridge.send_obj({"cmd": "shutdown"}, 1, "stopping the reward rank")
             ch.send_obj(stats, 0, "acknowledging shutdown")
@@ -147,3 +164,80 @@ def _command(ctx: ClusterContext, sup: EngineSupervisor, msg: dict, stats: dict,
         handlers[cmd](ctx, sup.engine, msg)
     else:
         raise ValueError(f"unknown rollout command {cmd!r}")
+
+
+class _Streaming:
+    """The streaming side of the server (``schedule=fully_async``). Commands:
+
+    * ``admit`` ``{"groups": [{"id", "prompt", "index", "sampling", "row"}]}``: queue each group (``sampling.n``
+      samples of ``prompt``; ``index`` is its samples' ``prompt_index`` and picks their seeds); no answer.
+    * ``poll`` ``{"wait": bool}``: answer the finished groups not yet returned, ``{"groups": [FinishedGroup],
+      "in_flight", "busy_s", "up_s", "reward_s"}``; with ``wait`` only once at least one is there (or none is in
+      flight). ``busy_s``: seconds spent in engine steps since the first admit, ``up_s``: seconds since it.
+    * ``sync`` while groups are in flight: the weights are loaded between two engine steps
+      (``update_weights_between_steps`` with ``rollout.in_flight_kv``), then acknowledged as a plain sync is.
+
+    A group is scored as it finishes when rewards are computed on the rollout pool (``reward.placement=rollout`` or
+    ``dedicated``: the row travels with the group). Engine restarts (``supervisor.py``) are not done for streaming
+    calls yet: an engine step that fails ends this rank (the controller then names the engine), since the groups in
+    flight die with the engine and would have to be admitted again."""
+
+    COMMANDS = ("admit", "poll")
+
+    def __init__(self, ctx: ClusterContext, sup: EngineSupervisor, reward_fn, in_flight_kv: str):
+        self.ctx, self.sup, self.reward_fn, self.in_flight_kv = ctx, sup, reward_fn, in_flight_kv
+        self.groups: dict[int, dict | None] = {}  # admitted, not finished: group id -> its reward row
+        self.ready: list = []  # finished, not yet polled
+        self.busy_s = self.reward_s = 0.0
+        self.t0: float | None = None
+        self.bell, self.heard = doorbell(ctx.session, ctx.role.engine), None  # commands counted since the first admit
+
+    def received(self, cmd: str) -> None:
+        if cmd == "admit" and self.heard is None:
+            self.heard = 0
+        if self.heard is not None:
+            self.heard += 1
+
+    def rung(self) -> bool:
+        """A command is on its way (the controller rings before each send once it admitted groups)."""
+        return self.ctx.store.add(self.bell, 0) > self.heard
+
+    def step(self) -> None:
+        t = time.perf_counter()
+        done = self.sup.engine.step()
+        self.busy_s += time.perf_counter() - t
+        for group in done:
+            row = self.groups.pop(group.group_id)
+            if row is not None and (self.reward_fn is not None or self.ctx.reward_bridge is not None):
+                from megatron_async_rlhf.rewards.placement import score_in_place, score_remotely
+
+                rows = {s.prompt_index: row for s in group.samples}
+                self.reward_s += (score_remotely(self.ctx.reward_bridge, group.samples, rows)
+                                  if self.ctx.reward_bridge is not None else
+                                  score_in_place(self.reward_fn, group.samples, rows))
+            self.ready.append(group)
+
+    def command(self, msg: dict, stats: dict) -> None:
+        ch, cmd = self.ctx.control, msg["cmd"]
+        if cmd == "admit":
+            if self.t0 is None:
+                self.t0 = time.perf_counter()
+            for g in msg["groups"]:
+                self.sup.engine.admit(g["id"], g["prompt"], g["sampling"], prompt_index=g["index"])
+                self.groups[g["id"]] = g.get("row")
+        elif cmd == "poll":
+            while msg.get("wait") and not self.ready and self.groups:
+                self.step()
+            ready, self.ready = self.ready, []
+            stats["samples"] += sum(len(g.samples) for g in ready)
+            ch.send_obj({"groups": ready, "in_flight": len(self.groups), "busy_s": self.busy_s,
+                         "up_s": time.perf_counter() - (self.t0 or time.perf_counter()), "reward_s": self.reward_s},
+                        0, f"returning {len(ready)} finished groups")
+        elif cmd == "sync":  # groups in flight: between two engine steps
+            load = self.sup.load_weights_between_steps(bridge_receiver(self.ctx, msg["stages"]), msg["version"],
+                                                       self.in_flight_kv)
+            stats["syncs"] += 1
+            stats["pid"], stats["worker_pids"] = os.getpid(), load.get("worker_pids", [])
+            ch.send_obj({**load, "version": self.sup.engine.version}, 0, "acknowledging a weight sync")
+        else:
+            raise ValueError(f"unknown streaming command {cmd!r}")

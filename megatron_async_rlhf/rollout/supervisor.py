@@ -241,6 +241,19 @@ class EngineSupervisor:
         return self._restart(what, failed, notify)
 
 
+    def load_weights_between_steps(self, receive, version: int, in_flight_kv: str) -> dict:
+        """A weight stream loaded while streaming groups are in flight (``RolloutBackend.
+        update_weights_between_steps``), the copy kept as :meth:`load_weights` keeps it. Not restarted on a death
+        (the groups in flight would be lost): it raises."""
+        what = "loading weights between engine steps"
+        self.calls[what] = self.calls.get(what, 0) + 1
+        stream = _KeptStream(receive, keep=self.max_restarts > 0)
+        out = self.engine.update_weights_between_steps(stream, version, in_flight_kv)
+        self.version = version
+        self._weights = stream.kept if self.max_restarts > 0 else None
+        return out
+
+
 class _KeptStream:
     """``receive(alloc)`` wrapped: every bucket is copied as it arrives (when ``keep``), and after a failed load the
     rest can be received into plain memory (``drain``). Safe against the loader's prefetch thread: one ``next`` at a

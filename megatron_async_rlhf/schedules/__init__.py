@@ -5,7 +5,8 @@ the mini-batches to train, in order, each with ``stats`` for its metrics row, an
 the engines hold the learner's weights and generate nothing (where mid-run evaluation may use them). The loop trains
 each mini-batch before it asks for the next item; ``schedule.version`` counts the mini-batches handed out (the
 learner's policy version once the loop has trained them), ``schedule.checkpoint_state()`` is what a checkpoint
-between rounds holds. ``rounds.py``: the synchronous / N-step off-policy schedule.
+between rounds holds. ``rounds.py``: the synchronous / N-step off-policy schedule; ``fully_async.py``: continuous
+generation with in-flight weight updates. The top-level ``schedule`` field picks one (:data:`SCHEDULES`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,22 @@ class StalenessError(RuntimeError):
     pass
 
 
+SCHEDULES = {"rounds": "megatron_async_rlhf.schedules.rounds:Rounds",
+             "fully_async": "megatron_async_rlhf.schedules.fully_async:FullyAsync"}
+"""``schedule=<name>`` -> its class (imported on use: the config layer validates names without importing them)."""
+
+
+def schedule_class(name: str):
+    import importlib
+
+    module, cls = SCHEDULES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 ENGINES_IDLE = "engines idle"
 """Yielded right after a weight push and before the next generation request: the engines hold ``schedule.version``
-and nothing is in flight. What the loop does there never changes what is trained or when."""
+and nothing is in flight. What the loop does there never changes what is trained or when. (``fully_async``: yielded
+after each push too, but prompt groups stay in flight: a request made there runs beside them.)"""
 
 
 @dataclass

@@ -1,0 +1,220 @@
+"""The fully asynchronous schedule (``schedule=fully_async``): the engines generate continuously, prompt groups are
+admitted as the staleness bound allows, finished groups stream to the learner, and after every optimizer step the new
+weights reach the engines between two of their decoding steps (the sequences in flight continue under them).
+
+Invariant (enforced here, nowhere else). ``P = prompts_per_step``, ``n = max_staleness``; versions count optimizer
+steps, as in ``rounds.py``.
+
+* A *group* is the ``k`` samples of one prompt. Groups are numbered ``g = 0, 1, ...`` in the prompt stream's order
+  (group ``g`` is prompt ``g mod P`` of ``PromptStream.round(g // P)``, sampled with that round's seed: the prompts and
+  seeds the round schedule would use for step ``g // P``).
+* Strict FIFO: optimizer step ``t`` trains exactly the groups ``[tP, (t+1)P)`` (so the "first P groups ready, oldest
+  admitted first" rule of the issue reduces to this: a group admitted earlier is never overtaken; step ``t`` waits for
+  its stragglers while the engines go on generating later groups).
+* Admission control (AReaL's rule): group ``g`` is admitted only while ``g // P - e <= n``, where ``e`` is the policy
+  version the engines hold (every token of the group is then sampled by a version ``>= e``, since weights only move
+  forward and the admit reaches the engine after the sync of ``e``). Group ``g`` is trained at step ``t = g // P``, so
+  ``t - oldest token version <= t - e <= n``: the bound holds whatever the generation lengths or the finish order.
+  It is asserted for every sample (:class:`StalenessError`), with ``oldest >= e`` and ``newest <= t``.
+* Exactly once: a ledger of admitted, finished and trained group ids; every step takes its P groups once, and at the
+  end ``admitted == trained == steps x P`` and nothing is in flight or left over (no group is generated that is not
+  trained: admission stops at ``steps x P``).
+* Weights: pushed after every optimizer step (``sync_every_step`` is implied), before the next admission.
+  ``max_staleness=0`` is the synchronous schedule through the same code: after each push only the next step's groups
+  are admitted.
+
+``n = 1`` with ``P = 2``, groups finishing in random order (``e``: engine version at admission)::
+
+    admit  g0 g1 g2 g3 @e0 | sync v1, admit g4 g5 @e1 | sync v2, admit g6 g7 @e2 | ...
+    train  step 0 = g0 g1  | step 1 = g2 g3 (tokens v0..v1) | step 2 = g4 g5 (tokens v1..v2) | ...
+
+Metrics per step (on top of the push's numbers): ``staleness`` (the step's largest ``t - oldest``, as
+``staleness_max``), ``staleness_p50`` / ``staleness_p90`` over the batch's samples, ``version_spread`` (newest minus
+oldest policy version among the batch's tokens; 0 in the round schedule), ``wait_s`` (the learner waited for the
+step's groups), ``engine_busy_frac`` (of the polled engines' time since the last step, the share spent in engine
+steps), ``groups_in_flight`` (admitted, not trained).
+
+The engines (``rollout/server.py``, ``_Streaming``) talk request/response: the controller ``admit``s groups to the
+least-loaded engine, ``poll``s the engine holding the oldest missing group (waiting until it finishes some), and
+pushes weights (``sync``) that the engine loads between two engine steps (``rollout.in_flight_kv``). Rewards are
+computed per group as it finishes on the rollout pool (``reward.placement=rollout|dedicated``), else on the
+controller when the step is trained.
+
+Not yet: checkpoints and resume (the groups in flight are not saved; the config refuses ``checkpoint.every`` and
+``resume``, and a SIGTERM stop ends without a checkpoint), engine restarts for streaming calls, off-policy corrections
+for the mixed versions (the losses see ``Sample.version``, the oldest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Iterator
+
+from megatron_async_rlhf.schedules import Batch, StalenessError
+from megatron_async_rlhf.schedules.rounds import Rounds
+
+log = logging.getLogger(__name__)
+
+
+def _percentile(xs: list[int], q: float) -> float:
+    """Nearest-rank percentile of ``xs`` (non-empty)."""
+    s = sorted(xs)
+    return float(s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))])
+
+
+class FullyAsync(Rounds):
+    can_checkpoint = False  # modes/rl.py skips checkpoints (the groups in flight are not saved yet)
+
+    def __init__(self, client, policy, prompts, sampling, steps: int, max_staleness: int, off_policy_n: int = 1,
+                 always_sync: bool = True, resume=None):
+        """As :class:`Rounds` (the loop builds either the same way); ``off_policy_n`` must be 1, ``always_sync`` is
+        implied (a push after every step), ``resume`` is refused."""
+        if off_policy_n != 1:
+            raise ValueError(f"schedule=fully_async needs off_policy_n=1, not {off_policy_n}")
+        if resume is not None:
+            raise ValueError("schedule=fully_async cannot resume from a checkpoint yet")
+        super().__init__(client, policy, prompts, sampling, steps, max_staleness, 1, True, None)
+        self.per = prompts.per_round  # P groups per step
+        self.total = steps * self.per
+        self.admitted = 0  # groups [0, admitted) admitted
+        self.trained_groups = 0  # groups [0, trained_groups) trained
+        self._admitted_at: dict[int, int] = {}  # group -> engine version at its admission
+        self._rounds: dict[int, tuple[list, list, int]] = {}  # round -> (prompts, rows, seed), drawn in order
+        # controller only: where each group is, what came back
+        self._engine_of: dict[int, int] = {}
+        self._load = [0] * max(1, getattr(client, "engines", 1))  # groups admitted to each engine, not yet returned
+        self._done: dict[int, list] = {}  # finished, not yet trained: group -> samples
+        self._times: dict[int, tuple[float, float]] = {}  # engine -> (busy_s, up_s), as last polled
+        self._times_prev: dict[int, tuple[float, float]] = {}
+        self._reward_s: dict[int, float] = {}  # engine -> its cumulative scoring seconds, as last polled
+        self._reward_prev: dict[int, float] = {}
+
+    # ----- admission -------------------------------------------------------------------------------------------
+    def _round(self, r: int) -> tuple[list, list, int]:
+        if r not in self._rounds:
+            assert not self._rounds or r == max(self._rounds) + 1, "rounds are drawn in order"
+            prompts, rows = self.prompts.round(r)
+            self._rounds[r] = (prompts, rows, self.prompts.seed(r))
+        return self._rounds[r]
+
+    def _admit(self) -> None:
+        """Admit every group the bound allows now: ``g // P <= engine_version + max_staleness``."""
+        limit = min(self.total, (self.engine_version + self.n + 1) * self.per)
+        by_engine: dict[int, list] = {}
+        while self.admitted < limit:
+            g = self.admitted
+            r, j = divmod(g, self.per)
+            prompts, rows, seed = self._round(r)
+            self._admitted_at[g] = self.engine_version
+            self.admitted += 1
+            if self.client.ctx.is_controller:
+                e = min(range(len(self._load)), key=lambda i: (self._load[i], i))  # least loaded
+                self._load[e] += 1
+                self._engine_of[g] = e
+                by_engine.setdefault(e, []).append(
+                    {"id": g, "prompt": prompts[j], "index": j, "row": rows[j],
+                     "sampling": dataclasses.replace(self.sampling, seed=seed)})
+        for e, groups in sorted(by_engine.items()):
+            self.client.admit(e, groups)
+        self.stats.generated = self.admitted // self.per
+
+    # ----- finished groups ---------------------------------------------------------------------------------------
+    def _file(self, e: int, reply: dict) -> None:
+        for group in reply["groups"]:
+            g = group.group_id
+            if g in self._done or g < self.trained_groups or self._engine_of.get(g) != e:
+                raise StalenessError(f"group {g} came back twice, after it was trained, or from engine {e} which "
+                                     f"was not given it")
+            self._done[g] = group.samples
+            self._load[e] -= 1
+        self._times[e] = (reply["busy_s"], reply["up_s"])
+        self._reward_s[e] = reply.get("reward_s", 0.0)
+
+    def _gather(self, t: int) -> tuple[list | None, float]:
+        """(step ``t``'s samples: its P groups in order, k samples each; None off the controller, the seconds waited)."""
+        t0 = time.perf_counter()
+        if not self.client.ctx.is_controller:
+            return None, 0.0
+        need = range(t * self.per, (t + 1) * self.per)
+        for e in range(len(self._load)):  # every engine once per step, without waiting: fresh busy times
+            self._file(e, self.client.poll(e, wait=False))
+        while True:
+            missing = [g for g in need if g not in self._done]
+            if not missing:
+                break
+            e = self._engine_of[missing[0]]
+            self._file(e, self.client.poll(e, wait=True))
+        samples = []
+        for g in need:
+            group = self._done.pop(g)
+            j = g % self.per
+            if not group or any(s.prompt_index != j for s in group):
+                raise StalenessError(f"group {g} came back with prompt indexes {[s.prompt_index for s in group]}, "
+                                     f"not {j}")
+            samples += group
+        return samples, time.perf_counter() - t0
+
+    def _check(self, t: int, samples: list) -> list[int]:
+        """Assert the bound for every sample this rank holds; returns their staleness ``t - oldest``."""
+        stale = []
+        for i, s in enumerate(samples):
+            if s is None:
+                continue
+            g = t * self.per + s.prompt_index
+            lag = t - s.version
+            if lag > self.n or s.version < self._admitted_at[g] or s.newest_version > t:
+                raise StalenessError(f"step {t}: a sample of group {g} (admitted at engine version "
+                                     f"{self._admitted_at[g]}) has token versions {s.versions}: {lag} updates old > "
+                                     f"max_staleness {self.n}, or outside [{self._admitted_at[g]}, {t}]")
+            stale.append(lag)
+        return stale
+
+    # ----- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> Iterator[Batch | str]:
+        """Step ``t``: push the weights of version ``t`` (after the first), admit what the bound allows, wait for
+        groups ``[tP, (t+1)P)``, hand them out as one mini-batch."""
+        for t in range(self.steps):
+            if t > 0:
+                yield from self._sync()  # weights move between two engine steps; groups in flight continue
+            self._admit()
+            samples, wait_s = self._gather(t)
+            samples = self._deal(samples, self.per)
+            _, rows, _ = self._rounds.pop(t)
+            batch = Batch(t, samples, rows, wait_s, self.engine_version)
+            yield self._hand_out_async(batch, wait_s)
+        if not (self.admitted == self.trained_groups == self.total and self.stats.trained == self.steps
+                and not self._done and not any(self._load)):
+            raise RuntimeError(f"schedule accounting broken: admitted {self.admitted}, trained {self.trained_groups} "
+                               f"of {self.total} groups, {self.stats.trained} of {self.steps} steps; left over "
+                               f"{sorted(self._done)}, in flight per engine {self._load}")
+
+    def _hand_out_async(self, batch: Batch, wait_s: float) -> Batch:
+        t = batch.index
+        assert t == self.version, "steps are handed out in order"
+        stale = self._check(t, batch.samples)
+        mine = [s for s in batch.samples if s is not None]
+        spread = max(s.newest_version for s in mine) - min(s.version for s in mine)
+        self.trained_groups += self.per
+        self.version += 1
+        self.stats.trained += 1
+        self.stats.staleness.append(max(stale))
+        self.stats.off_policy_updates.append(max(stale))
+        busy = sum(self._times[e][0] - self._times_prev.get(e, (0.0, 0.0))[0] for e in self._times)
+        up = sum(self._times[e][1] - self._times_prev.get(e, (0.0, 0.0))[1] for e in self._times)
+        reward_s = sum(self._reward_s.values()) - sum(self._reward_prev.values())
+        self._times_prev, self._reward_prev = dict(self._times), dict(self._reward_s)
+        if self.client.ctx.is_controller:  # what learner_rewards reads: the groups were scored as they finished
+            self.client.last_collect = {"reward_s": reward_s, "collect_wait_s": wait_s}
+        batch.stats = {**self._sync_stats, "staleness": max(stale), "off_policy_updates": max(stale),
+                       "staleness_max": max(stale), "staleness_p50": _percentile(stale, 50),
+                       "staleness_p90": _percentile(stale, 90), "version_spread": spread,
+                       "batch_version": min(s.version for s in mine), "gen_s": wait_s, "wait_s": wait_s,
+                       "engine_busy_frac": busy / up if up > 0 else 0.0,
+                       "groups_in_flight": self.admitted - self.trained_groups, "version": self.version}
+        self._sync_stats = {}
+        return batch
+
+    def checkpoint_state(self):
+        raise RuntimeError("schedule=fully_async cannot checkpoint yet: the groups in flight are not saved")
