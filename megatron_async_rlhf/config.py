@@ -429,7 +429,9 @@ class _AlgorithmFields:
     max_staleness: int = 1
     """How many generation rounds the rollout pool may run ahead of the learner: 0 = synchronous (a round is
     generated with the learner's current weights), 1 = the paper's one-step off-policy asynchronous RLHF (round r+1
-    is generated while round r trains). Counted in rounds of ``off_policy_n`` optimizer steps (``schedules/``)."""
+    is generated while round r trains). Counted in rounds of ``off_policy_n`` optimizer steps (``schedules/``). With
+    ``schedule=fully_async``: the most optimizer steps between the version a sample's oldest token was sampled by and
+    the version it is trained at (enforced by admission control)."""
     sync_every_step: bool = True
     """Push weights at every round (freshest samples). False: only when the next round would exceed
     ``max_staleness``."""
@@ -644,6 +646,9 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    SCHEDULES = ("rounds", "fully_async")
+    """The names ``schedule`` takes: ``schedules.SCHEDULES``' keys (a layer above; a test keeps them equal)."""
+
     def __post_init__(self):
         # the reward source is built from the reward section alone (on the controller, an engine or a reward rank)
         self.reward.policy_format = {"use_chat_template": self.data.use_chat_template,
@@ -741,10 +746,8 @@ class RunConfig:
         return self
 
     def _validate_schedule(self) -> None:
-        from megatron_async_rlhf.schedules import SCHEDULES
-
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r}: use one of {sorted(SCHEDULES)}")
+        if self.schedule not in self.SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}: use one of {list(self.SCHEDULES)}")
         if self.schedule == "rounds":
             return
         if self.mode != "rl":

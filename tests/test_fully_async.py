@@ -168,7 +168,14 @@ def test_a_sample_older_than_the_bound_is_refused(monkeypatch):
 
 
 def test_config_checks():
+    from megatron_async_rlhf.config import RunConfig
+    from megatron_async_rlhf.schedules import SCHEDULES, schedule_class
+    from megatron_async_rlhf.schedules.fully_async import FullyAsync
+    from megatron_async_rlhf.schedules.rounds import Rounds
     from megatron_async_rlhf.train import load_config
+
+    assert tuple(SCHEDULES) == RunConfig.SCHEDULES  # the config's names are the registry's
+    assert schedule_class("rounds") is Rounds and schedule_class("fully_async") is FullyAsync
 
     assert load_config([]).schedule == "rounds" and load_config([]).rollout.in_flight_kv == "recompute"
     cfg = load_config(["schedule=fully_async", "rollout.in_flight_kv=keep"])
