@@ -2,7 +2,9 @@
 
 Only the controller (learner rank 0) talks to the engines; every learner rank takes part in a weight sync (TP ranks
 gather, each stage's owner broadcasts its stage). A request can be left in flight while the learner trains
-(``submit_generate`` / ``collect``): that is the asynchronous schedule's overlap.
+(``submit_generate`` / ``collect``): that is the asynchronous schedule's overlap. ``schedule=fully_async`` streams
+instead: ``admit`` prompt groups, ``poll`` for the finished ones, and ``sync_weights`` while they are generated (the
+engines load between two decoding steps); see ``rollout/server.py``.
 
 An engine that died and was restarted (``supervisor.py``) says so before its answer: the events are kept in
 ``events`` (the loop logs them in metrics.jsonl). One that cannot go on answers ``failed``: the call raises

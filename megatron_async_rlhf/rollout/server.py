@@ -203,6 +203,9 @@ class _Streaming:
         return self.ctx.store.add(self.bell, 0) > self.heard
 
     def step(self) -> None:
+        if not self.sup.engine.in_flight():  # an engine restarted by a generate/score call lost them
+            raise RuntimeError(f"rollout engine {self.ctx.role.engine} lost its {len(self.groups)} streaming groups "
+                               "in flight (restarted?): streaming generation does not survive engine restarts yet")
         t = time.perf_counter()
         done = self.sup.engine.step()
         self.busy_s += time.perf_counter() - t

@@ -21,6 +21,10 @@ Each restart is told to the controller before the repeated call's answer (``noti
 ``metrics.jsonl``. An engine that runs inside its rank's own process (vLLM in-process, the CPU default) dies with the
 rank: that cannot be restarted here; the run stops naming the engine and ``resume=auto`` continues it.
 
+Not covered yet: the streaming calls of ``schedule=fully_async`` (``server._Streaming``: engine steps and weight loads
+between them). A death there ends the rank (the groups in flight would have to be admitted again); its weight loads
+still go through :meth:`EngineSupervisor.load_weights_between_steps`, which keeps the copy of the weights.
+
 Drills: ``MRLHF_FAULTS`` (``rollout/faults.py``) kills or stops this engine's processes at a chosen call.
 """
 
