@@ -632,7 +632,8 @@ class RunConfig:
     one-step or N-step off-policy, ``schedules/rounds.py``) or ``fully_async`` (engines generate continuously; prompt
     groups are admitted as the staleness bound allows, trained first admitted first, and weights reach the engines
     between two of their decoding steps after every optimizer step, ``schedules/fully_async.py``). fully_async needs
-    rollout.backend=vllm, algorithm.off_policy_n=1, and no checkpoint.every or resume yet."""
+    rollout.backend=vllm and algorithm.off_policy_n=1; a resumed fully_async run generates the groups admitted after
+    the checkpoint's step again."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -760,9 +761,6 @@ class RunConfig:
         if self.algorithm.off_policy_n != 1:
             raise ConfigError(f"schedule=fully_async trains every mini-batch on its own (algorithm.off_policy_n="
                               f"{self.algorithm.off_policy_n}). Fix: algorithm.off_policy_n=1, or schedule=rounds")
-        if self.resume or self.checkpoint.every:
-            raise ConfigError("schedule=fully_async cannot checkpoint or resume yet (resume, checkpoint.every): the "
-                              "groups in flight are not saved. Fix: unset them, or use schedule=rounds")
 
     @property
     def eval_max_new_tokens(self) -> int:

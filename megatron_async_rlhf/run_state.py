@@ -191,10 +191,11 @@ class PromptStream:
         self.ids, self.rows, self.rng, self.per_round = ids, rows, rng, per_round
         self.seeds = (run_seed, rollout_seed)
         self._before: dict[int, tuple] = {}
+        self.lookahead = 1  # rounds drawn ahead of the oldest one a checkpoint may need (schedule=fully_async: more)
 
     def round(self, r: int) -> tuple[list[list[int]], list]:
         """(prompt token ids, rows) of round ``r``."""
-        self._before = {i: s for i, s in self._before.items() if i >= r - 1}
+        self._before = {i: s for i, s in self._before.items() if i >= r - self.lookahead}
         self._before[r] = self.rng.getstate()
         idx = [self.rng.randrange(len(self.rows)) for _ in range(self.per_round)]
         return [self.ids[j] for j in idx], [self.rows[j] for j in idx]

@@ -162,6 +162,40 @@ def test_admission_is_bounded_by_the_engines_version(monkeypatch):
     assert sorted(eng.admitted) == list(range(16))  # the push to v1 let step 3's groups in
 
 
+@pytest.mark.parametrize("n", [0, 2])
+def test_resume_generates_the_untrained_groups_again_and_trains_each_once(monkeypatch, n):
+    """A checkpoint after step 4 keeps no group; the resumed schedule pushes first, admits groups 4P.. again and
+    trains steps 4..9: every group trained exactly once over the two runs."""
+    from megatron_async_rlhf.schedules import rounds
+    from megatron_async_rlhf.schedules.fully_async import FullyAsync
+
+    monkeypatch.setattr(rounds.dist, "get_world_size", lambda: 1)
+    per, k, steps = 3, 2, 10
+    policy = SimpleNamespace(model=None, info=None, mcfg=None)
+    trained = []
+
+    def run(sched, eng, stop_after=None):
+        for mb in sched.run():
+            if mb is ENGINES_IDLE:
+                continue
+            trained.extend(s.prompt_ids[0] for s in mb.samples[::k])
+            assert all(mb.index - s.version <= n for s in mb.samples)
+            if mb.index + 1 == stop_after:
+                return sched.checkpoint_state()
+
+    first = _Engines(seed=1)
+    state, saved = run(FullyAsync(first, policy, _Prompts(per), SamplingSettings(n=k), steps, n), first, 4)
+    assert state["version"] == 4 and saved is None and state["stats"]["trained"] == 4
+    assert len(first.admitted) == (4 + n) * per  # admitted ahead of the checkpoint: dropped, generated again
+    second = _Engines(seed=2)
+    second.version = 3  # (the fake checks every push is the next version: the resumed push is v4)
+    sched = FullyAsync(second, policy, _Prompts(per), SamplingSettings(n=k), steps, n, resume=(state, saved))
+    run(sched, second)
+    assert trained == [t * 1000 + j for t in range(steps) for j in range(per)]  # each group once, in order
+    assert sorted(second.admitted) == list(range(4 * per, steps * per))
+    assert sched.stats.trained == steps and sched.stats.syncs == state["stats"]["syncs"] + 6
+
+
 def test_a_sample_older_than_the_bound_is_refused(monkeypatch):
     with pytest.raises(StalenessError, match="max_staleness"):
         _run(monkeypatch, 0, lie=1)
@@ -183,8 +217,6 @@ def test_config_checks():
     for bad, match in [(["schedule=nope"], "schedule='nope'"),
                        (["schedule=fully_async", "rollout.backend=hf"], "rollout.backend=vllm"),
                        (["schedule=fully_async", "algorithm.off_policy_n=2", "algorithm.steps=4"], "off_policy_n=1"),
-                       (["schedule=fully_async", "checkpoint.every=2"], "checkpoint"),
-                       (["schedule=fully_async", "resume=auto"], "resume"),
                        (["rollout.in_flight_kv=both"], "in_flight_kv")]:
         with pytest.raises(ConfigError, match=match):
             load_config(bad)
@@ -230,3 +262,19 @@ def test_long_completions_straddle_weight_pushes(tmp_path):
     assert all(r["staleness_max"] <= 1 for r in rl)
     assert max(r["version_spread"] for r in rl) == 1
     assert max(r.get("sync_in_flight_groups", 0) for r in rl) > 0  # a push reached groups in flight
+
+
+@pytest.mark.multiproc
+def test_checkpoint_and_resume(tmp_path):
+    """A run of 3 steps checkpoints at its end; resumed to 6 steps it pushes the checkpoint's weights, generates the
+    groups of steps 4-6 and logs each step once."""
+    common = ["sft.steps=0", "data.eval_size=8", "algorithm.max_staleness=1", "checkpoint.every=3"]
+    rl, _ = _main_job(tmp_path, *common, "algorithm.steps=3")
+    assert [r["step"] for r in rl] == [1, 2, 3]
+    from megatron_async_rlhf.run_state import complete_checkpoints
+
+    assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [3]
+    rl, _ = _main_job(tmp_path, *common, "algorithm.steps=6", "resume=auto")
+    assert [r["step"] for r in rl] == [1, 2, 3, 4, 5, 6]  # the resumed run appends steps 4-6, each once
+    assert all(r["staleness_max"] <= 1 and r["version"] == r["step"] for r in rl)
+    assert rl[3]["staleness_max"] == 0  # step 4's groups were generated again, by the resumed weights

@@ -123,7 +123,7 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
                     continue
                 stop = stop_agreed(ctx.store)  # a SIGTERM/SIGINT anywhere: every learner rank stops here
                 if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    path = checkpoint() if getattr(schedule, "can_checkpoint", True) else None  # fully_async: not yet
+                    path = checkpoint()
                 if stop:
                     log.warning("stopped after RL step %d; continue with resume=auto", step)
                     return {"stopped_after_step": step, "checkpoint": path} if ctx.is_controller else None
@@ -165,7 +165,7 @@ def _checkpoint_if_engines_fail(schedule, saved_at: list, checkpoint):
     try:
         yield
     except RolloutError as e:
-        if schedule.version > saved_at[0] and getattr(schedule, "can_checkpoint", True):
+        if schedule.version > saved_at[0]:
             log.error("%s; writing a checkpoint of step %d first (continue with resume=auto)", e, schedule.version)
             checkpoint()
         raise

@@ -40,9 +40,15 @@ pushes weights (``sync``) that the engine loads between two engine steps (``roll
 computed per group as it finishes on the rollout pool (``reward.placement=rollout|dedicated``), else on the
 controller when the step is trained.
 
-Not yet: checkpoints and resume (the groups in flight are not saved; the config refuses ``checkpoint.every`` and
-``resume``, and a SIGTERM stop ends without a checkpoint), engine restarts for streaming calls, off-policy corrections
-for the mixed versions (the losses see ``Sample.version``, the oldest).
+Resume (``run_state.py``): checkpoints fall between two steps and hold the learner at version ``v`` and the prompt
+stream as it was before round ``v``, but none of the groups admitted after step ``v - 1`` (finished or in flight:
+they would be older than the resumed weights anyway). A resumed schedule pushes its weights, then admits groups
+``vP, vP + 1, ...`` again, from the same prompts and seeds: each is trained exactly once, by a run that is not the
+uninterrupted one sample for sample (nor is an uninterrupted fully asynchronous run reproducible: what is ready when
+depends on timing).
+
+Not yet: engine restarts for streaming calls, off-policy corrections for the mixed versions (the losses see
+``Sample.version``, the oldest).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import logging
 import time
 from typing import Iterator
 
-from megatron_async_rlhf.schedules import Batch, StalenessError
+from megatron_async_rlhf.schedules import Batch, ScheduleStats, StalenessError
 from megatron_async_rlhf.schedules.rounds import Rounds
 
 log = logging.getLogger(__name__)
@@ -65,21 +71,25 @@ def _percentile(xs: list[int], q: float) -> float:
 
 
 class FullyAsync(Rounds):
-    can_checkpoint = False  # modes/rl.py skips checkpoints (the groups in flight are not saved yet)
-
     def __init__(self, client, policy, prompts, sampling, steps: int, max_staleness: int, off_policy_n: int = 1,
                  always_sync: bool = True, resume=None):
         """As :class:`Rounds` (the loop builds either the same way); ``off_policy_n`` must be 1, ``always_sync`` is
-        implied (a push after every step), ``resume`` is refused."""
+        implied (a push after every step). ``resume``: a ``checkpoint_state()`` (of either schedule) to continue from:
+        the groups admitted after that step are generated again (see the module doc)."""
         if off_policy_n != 1:
             raise ValueError(f"schedule=fully_async needs off_policy_n=1, not {off_policy_n}")
-        if resume is not None:
-            raise ValueError("schedule=fully_async cannot resume from a checkpoint yet")
         super().__init__(client, policy, prompts, sampling, steps, max_staleness, 1, True, None)
         self.per = prompts.per_round  # P groups per step
+        # a checkpoint at step v needs the prompt stream as it was before round v; rounds up to v + n are drawn by then
+        prompts.lookahead = max(getattr(prompts, "lookahead", 1), max_staleness + 1)
         self.total = steps * self.per
-        self.admitted = 0  # groups [0, admitted) admitted
-        self.trained_groups = 0  # groups [0, trained_groups) trained
+        if resume is not None:  # a round schedule's round in flight (resume[1]) is dropped: generated again below
+            state, _ = resume
+            self.version = state["version"]
+            self.engine_version = -1  # the engines hold the starting weights, not this run's: push first
+            self.stats = ScheduleStats(**state["stats"])
+        self.admitted = self.version * self.per  # groups [0, admitted) admitted
+        self.trained_groups = self.version * self.per  # groups [0, trained_groups) trained
         self._admitted_at: dict[int, int] = {}  # group -> engine version at its admission
         self._rounds: dict[int, tuple[list, list, int]] = {}  # round -> (prompts, rows, seed), drawn in order
         # controller only: where each group is, what came back
@@ -175,8 +185,9 @@ class FullyAsync(Rounds):
     def run(self) -> Iterator[Batch | str]:
         """Step ``t``: push the weights of version ``t`` (after the first), admit what the bound allows, wait for
         groups ``[tP, (t+1)P)``, hand them out as one mini-batch."""
-        for t in range(self.steps):
-            if t > 0:
+        start = self.version
+        for t in range(start, self.steps):
+            if t > start or self.engine_version != self.version:  # resumed: push the weights first
                 yield from self._sync()  # weights move between two engine steps; groups in flight continue
             self._admit()
             samples, wait_s = self._gather(t)
@@ -216,5 +227,11 @@ class FullyAsync(Rounds):
         self._sync_stats = {}
         return batch
 
-    def checkpoint_state(self):
-        raise RuntimeError("schedule=fully_async cannot checkpoint yet: the groups in flight are not saved")
+    def checkpoint_state(self) -> tuple[dict, None]:
+        """(schedule state, None) between two steps: only the step and the counters. The groups admitted after it
+        (finished or not) are not saved: a resumed schedule admits them again from the same prompts and seeds
+        (``run_state.save`` stores the prompt stream as it was before round ``version``) and generates them with the
+        resumed weights, so each is still trained exactly once; the checkpointing run itself goes on unchanged."""
+        stats = dataclasses.replace(self.stats, generated=self.version, staleness=list(self.stats.staleness),
+                                    off_policy_updates=list(self.stats.off_policy_updates))
+        return {"version": self.version, "stats": dataclasses.asdict(stats)}, None
