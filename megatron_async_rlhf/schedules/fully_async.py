@@ -159,6 +159,7 @@ class FullyAsync(Rounds):
         samples = []
         for g in need:
             group = self._done.pop(g)
+            self._engine_of.pop(g)  # a second copy of it coming back is now refused by _file
             j = g % self.per
             if not group or any(s.prompt_index != j for s in group):
                 raise StalenessError(f"group {g} came back with prompt indexes {[s.prompt_index for s in group]}, "
@@ -205,6 +206,8 @@ class FullyAsync(Rounds):
         t = batch.index
         assert t == self.version, "steps are handed out in order"
         stale = self._check(t, batch.samples)
+        for g in range(t * self.per, (t + 1) * self.per):
+            del self._admitted_at[g]
         mine = [s for s in batch.samples if s is not None]
         spread = max(s.newest_version for s in mine) - min(s.version for s in mine)
         self.trained_groups += self.per
