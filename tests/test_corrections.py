@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_async_rlhf.algorithms import ppo_clip_loss
-from megatron_async_rlhf.algorithms.corrections import importance_weights
+from megatron_async_rlhf.algorithms.corrections import effective_sample_size, importance_weights
 from megatron_async_rlhf.errors import ConfigError
 
 # two sequences of two tokens; r = pi_old / pi_sampler = [1, 5 | 1.25, 0.5/0.9]
@@ -26,7 +26,8 @@ def test_tis_caps_the_ratio():
     assert w == pytest.approx([1.0, 2.0, 1.25, 0.5 / 0.9])
     assert s["capped_fraction"] == 0.25 and s["masked_fraction"] == 0.0
     flat = [1.0, 2.0, 1.25, 0.5 / 0.9]
-    assert s["ess"] == pytest.approx(sum(flat) ** 2 / (4 * sum(x * x for x in flat)))
+    ess = effective_sample_size(s)["ess"]
+    assert ess == pytest.approx(sum(flat) ** 2 / (4 * sum(x * x for x in flat)))
     assert s["sampler_ratio_max"] == pytest.approx(5.0)
     assert s["sampler_logp_diff"] == pytest.approx(sum(abs(math.log(x)) for row in R for x in row) / 4)
 

@@ -15,8 +15,10 @@ separately (``algorithms/ppo.py``); the correction is a detached weight ``w`` on
 
 The returned statistics make the mismatch visible per step: ``sampler_logp_diff`` (mean ``|log pi_old - log
 pi_sampler|``), ``sampler_ratio_max``, ``masked_fraction`` (tokens with weight 0), ``capped_fraction`` (tokens
-whose weight was capped) and ``ess`` (the weights' effective sample size over tokens, ``(sum w)^2 / (n sum w^2)``,
-in (0, 1]: 1 when every weight is equal).
+whose weight was capped) and ``is_weight_sq_mean`` (the mean of ``w^2``), from which :func:`effective_sample_size`
+makes ``ess``, the weights' effective sample size over the batch's tokens, ``(sum w)^2 / (n sum w^2) = mean(w)^2 /
+mean(w^2)``, in (0, 1]: 1 when every weight is equal. All are token means (or a maximum) so they add up exactly over
+micro-batches and data-parallel replicas.
 """
 
 from __future__ import annotations
@@ -47,13 +49,22 @@ def importance_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask:
     zero = r.new_zeros(())
     if not m.any():
         return w, {"sampler_logp_diff": zero, "sampler_ratio_max": zero, "masked_fraction": zero,
-                   "capped_fraction": zero, "ess": zero}
+                   "capped_fraction": zero, "is_weight_mean": zero, "is_weight_sq_mean": zero}
     wm = w[m]
     stats = {
         "sampler_logp_diff": log_r[m].abs().mean(),
         "sampler_ratio_max": r[m].max(),
         "masked_fraction": (wm == 0).float().mean(),
         "capped_fraction": ((r > cap) & m)[m].float().mean() if kind in ("tis", "seq_mask") else zero,
-        "ess": wm.sum() ** 2 / (wm.numel() * (wm ** 2).sum()).clamp(min=1e-30),
+        "is_weight_mean": wm.mean(),
+        "is_weight_sq_mean": (wm ** 2).mean(),
     }
     return w, stats
+
+
+def effective_sample_size(metrics: dict) -> dict:
+    """``metrics`` with ``ess = is_weight_mean^2 / is_weight_sq_mean`` added (the batch's, from its means)."""
+    if "is_weight_sq_mean" not in metrics:
+        return metrics
+    sq = metrics["is_weight_sq_mean"]
+    return {**metrics, "ess": metrics["is_weight_mean"] ** 2 / sq if sq > 0 else 0.0}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_async_rlhf.algorithms.base import Algorithm, register_algorithm
+from megatron_async_rlhf.algorithms.corrections import effective_sample_size
 from megatron_async_rlhf.algorithms.ppo import ClipConfig, check_clip, group_advantages, ppo_clip_per_token
 
 
@@ -66,6 +67,9 @@ class GRPO(Algorithm):
 
     def check(self) -> None:
         check_clip(self.cfg, self.name)
+
+    def batch_metrics(self, metrics: dict) -> dict:
+        return effective_sample_size(metrics)
 
     def needs_old_logprobs(self) -> bool:
         return self.ac.updates_per_batch > 1

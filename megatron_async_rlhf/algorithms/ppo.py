@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_async_rlhf.algorithms.base import Algorithm, register_algorithm
-from megatron_async_rlhf.algorithms.corrections import CORRECTIONS, importance_weights
+from megatron_async_rlhf.algorithms.corrections import CORRECTIONS, effective_sample_size, importance_weights
 from megatron_async_rlhf.errors import ConfigError
 
 
@@ -109,6 +109,9 @@ class PPO(Algorithm):
 
     def check(self) -> None:
         check_clip(self.cfg, self.name)
+
+    def batch_metrics(self, metrics: dict) -> dict:
+        return effective_sample_size(metrics)
 
     def needs_old_logprobs(self) -> bool:
         return self.ac.updates_per_batch > 1  # with one update the ratio's "old" is the current policy
