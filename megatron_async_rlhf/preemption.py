@@ -71,8 +71,11 @@ def die_with_parent(parent_pid: int) -> None:
 
 def checkpoint_writer_dies_with_us() -> None:
     """megatron-core's dist_checkpointing keeps one multiprocessing Manager per process for its write results
-    (``filesystem_async._results_queue``), a spawned server that outlives a killed worker. Start it here instead, with
-    ``die_with_parent`` as its initializer. No-op where that module or attribute does not exist (other versions)."""
+    (``filesystem_async._results_queue``), a spawned server that outlives a killed worker, and that SIGTERM kills: a
+    preemption (Slurm signals every process of the job) arriving while a checkpoint is written broke the write
+    ("BrokenPipeError") and failed the very checkpoint the signal asks for. Start it here instead, with
+    ``_writer_server_init`` as its initializer: it dies with its rank and ignores SIGTERM/SIGINT (the rank decides
+    when to stop). No-op where that module or attribute does not exist (other versions)."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:
@@ -83,8 +86,14 @@ def checkpoint_writer_dies_with_us() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(die_with_parent, (os.getpid(),))
+    manager.start(_writer_server_init, (os.getpid(),))
     fa._results_queue = manager.Queue()  # the proxy keeps its manager alive
+
+
+def _writer_server_init(parent_pid: int) -> None:
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    die_with_parent(parent_pid)
 
 
 def stop_on_signals(request_stop: Callable[[], None]) -> Callable[[], None]:

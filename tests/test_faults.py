@@ -1,7 +1,9 @@
 """Fault injection on the main job, real processes (issue 22): an engine killed mid-generation, killed mid-sync and
-hung is restarted and the run's numbers do not change; past ``rollout.max_restarts``, or when an engine's rank dies,
-the run checkpoints what it trained, exits 1 naming the engine, and ``resume=auto`` finishes it with every step
-trained once.
+hung is restarted and the run's numbers do not change; past ``rollout.max_restarts``, or when an engine's rank dies
+(mid-generation or mid-sync), the run checkpoints what it trained, exits 1 naming the engine, and ``resume=auto``
+finishes it with every step trained once. A learner rank killed with SIGKILL takes the run down without orphans and
+``resume=auto`` continues exactly from the last checkpoint; SIGTERM during a checkpoint's write finishes it, stops
+at the next step with a checkpoint and exit 0, and the resumed run is exact.
 
 Faults are fired by ``MRLHF_FAULTS`` (``rollout/faults.py``): SIGKILL / SIGSTOP of the real vLLM engine-core process
 (``rollout.vllm.engine_multiprocess=true``, vLLM's GPU default), or SIGKILL of the engine's rank.
@@ -13,7 +15,9 @@ import json
 import os
 import re
 import subprocess
+import signal
 import sys
+import time
 
 import pytest
 
@@ -108,7 +112,15 @@ def test_engine_past_max_restarts_checkpoints_and_exits_1_naming_it(tmp_path):
 
 
 @pytest.mark.multiproc
-def test_dead_engine_rank_checkpoints_and_resume_finishes_the_run(baseline, tmp_path):
+def test_engine_rank_killed_mid_sync_checkpoints_and_exits_1(tmp_path):
+    rc, log = _run(tmp_path, faults="kill-rank@sync#6")  # sync 6 pushes v5 (1: v0 before RL)
+    assert rc == 1, log[-3000:]
+    assert "rollout engine 0 (rank 1) did not answer while receiving weights v5" in log
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["reference", "step_000005"]
+
+
+@pytest.mark.multiproc
+def test_engine_rank_killed_mid_generation_checkpoints_and_resume_finishes_the_run(baseline, tmp_path):
     rc, log = _run(tmp_path, faults="kill-rank@generate#5")
     assert rc == 1, log[-3000:]
     assert "rollout engine 0 (rank 1) did not answer while generating" in log
@@ -121,3 +133,76 @@ def test_dead_engine_rank_checkpoints_and_resume_finishes_the_run(baseline, tmp_
     assert [r["staleness"] for r in rl[3:5]] == [0, 1] and max(r["staleness"] for r in rl) <= 1
     base = [r for r in baseline if r["phase"] == "rl"]
     assert _numbers(rl[:3]) == _numbers(base[:3])  # what was checkpointed is kept as it was
+
+
+# ----- the learner's side: a rank killed, SIGTERM while a checkpoint is written -----------------------------------
+def _start(out, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "MRLHF_FAULTS"}
+    return subprocess.Popen([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *COMMON,
+                             "checkpoint.every=4", *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait(proc, done, what, timeout=300):
+    t_end = time.time() + timeout
+    while proc.poll() is None and time.time() < t_end:
+        if done():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"run ended (rc {proc.poll()}) or timed out before {what}")
+
+
+def _session(sid) -> list[int]:
+    alive = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(d)) == sid and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(int(d))
+        except OSError:
+            pass
+    return alive
+
+
+def _learner_rank0(launcher: int) -> int:
+    """The first rank the launcher spawned (learner rank 0, the controller)."""
+    import psutil
+
+    ranks = [p for p in psutil.Process(launcher).children() if "spawn_main" in " ".join(p.cmdline())]
+    return min(ranks, key=lambda p: p.create_time()).pid
+
+
+def _rl(out):
+    return [r for r in _rows(out) if r["phase"] == "rl"] if os.path.exists(os.path.join(out, "metrics.jsonl")) else []
+
+
+@pytest.mark.multiproc
+def test_learner_rank_killed_then_resume_is_exact(baseline, tmp_path):
+    p = _start(tmp_path)
+    _wait(p, lambda: len(_rl(tmp_path)) >= 10, "step 10")
+    os.kill(_learner_rank0(p.pid), signal.SIGKILL)
+    assert p.wait(timeout=120) != 0
+    t_end = time.time() + 30
+    while _session(p.pid) and time.time() < t_end:
+        time.sleep(0.2)
+    assert _session(p.pid) == []  # no orphans: the engine rank and vLLM went with it
+    assert "step_000008" in os.listdir(tmp_path / "checkpoints")
+    rc, log = _run(tmp_path, "checkpoint.every=4", "resume=auto")
+    assert rc == 0, log[-3000:]
+    assert _numbers(_rl(tmp_path)) == _numbers([r for r in baseline if r["phase"] == "rl"])
+
+
+@pytest.mark.multiproc
+def test_sigterm_while_a_checkpoint_is_written_then_resume_is_exact(baseline, tmp_path):
+    p = _start(tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    _wait(p, lambda: ckpts.exists() and any(n.startswith("step_000004.tmp") for n in os.listdir(ckpts)),
+          "checkpoint 4 being written")
+    os.killpg(p.pid, signal.SIGTERM)
+    assert p.wait(timeout=120) == 0
+    # checkpoint 4 was finished, the run stopped at the next step with a checkpoint of its own
+    from megatron_async_rlhf.run_state import complete_checkpoints
+
+    assert [s for s, _ in complete_checkpoints(str(tmp_path))] == [4, 5]
+    rc, log = _run(tmp_path, "checkpoint.every=4", "resume=auto")
+    assert rc == 0, log[-3000:]
+    assert _numbers(_rl(tmp_path)) == _numbers([r for r in baseline if r["phase"] == "rl"])

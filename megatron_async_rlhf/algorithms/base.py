@@ -76,6 +76,11 @@ class Algorithm:
         """Loss of one micro-batch from the policy's ``logp [b, s-1]`` (0 outside ``m["mask"]``)."""
         raise NotImplementedError
 
+    def batch_metrics(self, metrics: dict) -> dict:
+        """The step's metrics once averaged over the batch (micro-batches and replicas, weighted by loss units;
+        ``*_max`` keys: the maximum), with what can only be derived from those means added. Default: unchanged."""
+        return metrics
+
     def value_loss(self, values: torch.Tensor, m: dict) -> tuple[torch.Tensor, dict]:
         """The critic's loss of one micro-batch (``uses_critic`` algorithms)."""
         raise NotImplementedError(f"{self.name} has no critic")

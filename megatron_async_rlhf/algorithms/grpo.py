@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_async_rlhf.algorithms.base import Algorithm, register_algorithm
-from megatron_async_rlhf.algorithms.ppo import ClipConfig, group_advantages, ppo_clip_per_token
+from megatron_async_rlhf.algorithms.corrections import effective_sample_size
+from megatron_async_rlhf.algorithms.ppo import ClipConfig, check_clip, group_advantages, ppo_clip_per_token
 
 
 def grpo_loss(
@@ -34,9 +35,12 @@ def grpo_loss(
     tis_cap: float = 2.0,
     kl_coef: float = 0.0,
     length_norm: int = 0,  # 0: each sequence by its own length (GRPO); > 0: by this constant (Dr. GRPO)
+    correction: str = "tis",  # algorithms/corrections.py
+    band: tuple[float, float] = (0.5, 2.0),
 ) -> tuple[torch.Tensor, dict]:
     """(mean over the N sequences of each one's normalised token sum, metrics)."""
-    per_token, metrics = ppo_clip_per_token(logp, old_logp, sampler_logp, advantages, mask, clip_eps, tis_cap)
+    per_token, metrics = ppo_clip_per_token(logp, old_logp, sampler_logp, advantages, mask, clip_eps, tis_cap,
+                                            correction, band)
     d = (ref_logp - logp) * mask  # [N, T]
     k3 = (torch.exp(d) - d - 1) * mask  # [N, T], >= 0
     if kl_coef:
@@ -61,6 +65,12 @@ class GRPO(Algorithm):
         """Dr. GRPO: advantages not divided by the group's std, and each sequence's loss divided by
         ``algorithm.max_new_tokens`` rather than by its own length."""
 
+    def check(self) -> None:
+        check_clip(self.cfg, self.name)
+
+    def batch_metrics(self, metrics: dict) -> dict:
+        return effective_sample_size(metrics)
+
     def needs_old_logprobs(self) -> bool:
         return self.ac.updates_per_batch > 1
 
@@ -74,4 +84,4 @@ class GRPO(Algorithm):
     def loss(self, logp: torch.Tensor, m: dict) -> tuple[torch.Tensor, dict]:
         c = self.cfg
         return grpo_loss(logp, m.get("old"), m["sampler"], m["ref"], m["adv"], m["mask"], c.clip_eps, c.tis_cap,
-                         c.kl_coef, self.ac.max_new_tokens if c.dr_grpo else 0)
+                         c.kl_coef, self.ac.max_new_tokens if c.dr_grpo else 0, c.correction, c.band)

@@ -70,6 +70,7 @@ class PPOCritic(PPO):
     uses_critic = True
 
     def check(self) -> None:
+        super().check()
         c = self.cfg
         if not (0 <= c.gae_gamma <= 1 and 0 <= c.gae_lambda <= 1) or c.value_clip <= 0 or c.critic_lr < 0:
             raise ConfigError("algorithm.ppo_critic: gae_gamma and gae_lambda must be in [0, 1], value_clip > 0, "

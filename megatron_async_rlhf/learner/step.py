@@ -116,16 +116,16 @@ def data_parallel() -> tuple[int, int]:
     return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
 
-def dp_sum(values: torch.Tensor) -> torch.Tensor:
-    """``values`` summed over the data-parallel replicas (every rank of a replica holds its replica's numbers), in
-    float64, on ``values``' device; ``values`` itself with one replica."""
+def dp_sum(values: torch.Tensor, op=None) -> torch.Tensor:
+    """``values`` summed (or reduced by ``op``, a ``ReduceOp``) over the data-parallel replicas (every rank of a
+    replica holds its replica's numbers), in float64, on ``values``' device; ``values`` itself with one replica."""
     from megatron.core import parallel_state as ps
 
     if ps.get_data_parallel_world_size() == 1:
         return values
     # NCCL reduces device tensors only; gloo CPU ones
     t = values.detach().to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float64)
-    torch.distributed.all_reduce(t, group=ps.get_data_parallel_group())
+    torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM, group=ps.get_data_parallel_group())
     return t.to(values.device)
 
 
@@ -135,7 +135,11 @@ def _global_metrics(out: dict, local: float, total: float, micro_batches: list[d
     (``local`` of ``total`` loss units here), ``keep``: keys already global (grad norms), ``sums``: numbers summed
     over the replicas, and ``pad_fraction`` / ``micro_batches`` of all replicas' micro-batches."""
     sums = sums or {}
-    keys = [k for k in sorted(out) if k not in keep and isinstance(out[k], float)]
+    keys = [k for k in sorted(out) if k not in keep and isinstance(out[k], float) and not k.endswith("_max")]
+    maxes = [k for k in sorted(out) if k not in keep and isinstance(out[k], float) and k.endswith("_max")]
+    if maxes:  # a ``*_max`` metric is the batch's maximum (learner/train.py takes it over the micro-batches)
+        out = {**out, **dict(zip(maxes, dp_sum(torch.tensor([out[k] for k in maxes], dtype=torch.float64),
+                                               torch.distributed.ReduceOp.MAX).tolist()))}
     real = sum(int(m["length"].sum()) for m in micro_batches)
     tokens = sum(m["tokens"].numel() for m in micro_batches)
     values = [out[k] * local for k in keys] + list(sums.values()) + [real, tokens, len(micro_batches)]
@@ -271,6 +275,7 @@ def rl_step(batch, rewards: torch.Tensor, ac, ddp, opt, ref_model, vocab_size: i
                               sums={"kl_ref": metrics.pop("kl_ref")})
     else:
         out.update(pad_fraction=pad_fraction(mbs), micro_batches=len(mbs))
+    out = algo.batch_metrics(out)  # what the algorithm derives from the batch's means (an effective sample size)
     if "loss" in out and not math.isfinite(out["loss"]) or not math.isfinite(out.get("grad_norm", 0.0)):
         raise NonFiniteLoss(f"non-finite loss/grad norm at this step ({out}); stopping. The last exported policy on "
                             "disk is the last good state.")

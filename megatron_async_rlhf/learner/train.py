@@ -173,7 +173,8 @@ def _train_step(ddp, optimizer, micro_batches: list[dict], loss_fn: LossFn, head
     out = {}
     if metrics:
         total = sum(w for w, _ in metrics)
-        out = {k: sum(w * m[k] for w, m in metrics if k in m) / total for k in metrics[0][1]}
+        out = {k: max(m[k] for _, m in metrics if k in m) if k.endswith("_max")  # a maximum stays one
+               else sum(w * m[k] for w, m in metrics if k in m) / total for k in metrics[0][1]}
     out = from_last_stage(out)
     out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     out["update_ok"] = bool(ok)

@@ -295,9 +295,9 @@ class VLLMBackend(RolloutBackend):
         return self._ring.take(nbytes)
 
     def load_weight_bucket(self, header: list, flat: torch.Tensor) -> None:
-        from megatron_async_rlhf.rollout import weight_stream as ws
+        from megatron_async_rlhf.rollout import transfer_backend
 
-        ws.load_bucket(self.llm, header, flat)
+        transfer_backend.load_bucket(self.llm, header, flat)
 
     def finish_weight_update(self) -> dict:
         """Every worker finishes its reload; cached prefixes computed with the old weights are dropped."""

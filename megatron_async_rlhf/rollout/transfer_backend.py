@@ -114,3 +114,15 @@ def _copy_pending(storages: set[int]) -> None:
             for k, v in args.arguments.items():
                 if k != "param" and isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in storages:
                     args.arguments[k] = v.clone()
+
+
+def load_bucket(llm, header: list, flat: torch.Tensor) -> None:
+    """Load one received bucket into every worker of ``llm`` (vLLM's ``update_weights``, our ``mrlhf_shm`` transfer
+    backend): the shared-memory file's name when ``flat`` was made by ``shm_alloc`` (workers in other processes map
+    it), else the (name, tensor) views themselves, registered in this process (in-process workers)."""
+    path = ws.shm_path(flat)
+    if path is not None:
+        info = {"shm": path, "capacity": flat.untyped_storage().nbytes(), "header": header}
+    else:
+        info = put_tensors(ws.unpack(header, flat))
+    llm.collective_rpc("update_weights", kwargs={"update_info": info})

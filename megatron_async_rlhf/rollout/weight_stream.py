@@ -21,7 +21,7 @@ import logging
 import torch
 
 from megatron_async_rlhf.weights import shm
-from megatron_async_rlhf.weights.sync import Header, header_bytes, unpack
+from megatron_async_rlhf.weights.sync import header_bytes, unpack
 
 
 def _status_kb(key: str) -> int:
@@ -115,15 +115,7 @@ def unpack_shared(desc: dict, maps: dict | None = None) -> list[tuple[str, torch
     return unpack(header, flat[:size])
 
 
-def load_bucket(llm, header: Header, flat: torch.Tensor) -> None:
-    """Load one received bucket into every worker of ``llm`` (vLLM's ``update_weights``, our ``mrlhf_shm`` transfer
-    backend): the shared-memory file's name when ``flat`` was made by ``shm_alloc`` (workers in other processes map
-    it), else the (name, tensor) views themselves, registered in this process (in-process workers)."""
-    from megatron_async_rlhf.rollout.transfer_backend import put_tensors
+def shm_path(flat: torch.Tensor) -> str | None:
+    """The shared-memory file behind ``flat`` when ``shm_alloc`` made it, else None."""
+    return _SHM_PATHS.get(_key(flat))
 
-    path = _SHM_PATHS.get(_key(flat))
-    if path is not None:
-        info = {"shm": path, "capacity": flat.untyped_storage().nbytes(), "header": header}
-    else:
-        info = put_tensors(unpack(header, flat))
-    llm.collective_rpc("update_weights", kwargs={"update_info": info})
