@@ -256,11 +256,11 @@ def test_long_completions_straddle_weight_pushes(tmp_path):
     """No warm start: the tiny model rarely stops, so its 40-token completions are still running when the next
     weights arrive; with in_flight_kv=keep they continue under them and carry two versions (version_spread > 0).
     (The warm-started recipe answers in a few tokens, which finish before the next push: its spread is 0.)"""
-    rl, _ = _main_job(tmp_path, "sft.steps=0", "algorithm.steps=6", "data.eval_size=8", "algorithm.max_staleness=1",
+    rl, _ = _main_job(tmp_path, "sft.steps=0", "algorithm.steps=8", "data.eval_size=8", "algorithm.max_staleness=2",
                       "algorithm.max_new_tokens=40", "rollout.in_flight_kv=keep")
-    assert [r["step"] for r in rl] == list(range(1, 7))
-    assert all(r["staleness_max"] <= 1 for r in rl)
-    assert max(r["version_spread"] for r in rl) == 1
+    assert [r["step"] for r in rl] == list(range(1, 9))
+    assert all(r["version_spread"] <= r["staleness_max"] <= 2 for r in rl)
+    assert max(r["version_spread"] for r in rl) >= 1
     assert max(r.get("sync_in_flight_groups", 0) for r in rl) > 0  # a push reached groups in flight
 
 
