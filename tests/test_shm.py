@@ -3,6 +3,7 @@ when their owner process is provably gone (its lock can be taken), never while i
 kill -9 of the rank that holds them, of another rank, or of the launcher. Real processes, the real allocator."""
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,7 +30,11 @@ OWNER = textwrap.dedent("""
 
 
 def _owner():
-    p = subprocess.Popen([sys.executable, "-c", OWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # a run of its own: this test process may already hold a lock of its run (an earlier test's shared memory),
+    # which the children would otherwise share and _files() would list
+    env = {**os.environ, shm.RUN_ID_ENV: secrets.token_hex(6)}
+    p = subprocess.Popen([sys.executable, "-c", OWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env=env)
     return p, p.stdout.readline().split()
 
 
