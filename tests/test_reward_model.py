@@ -297,7 +297,10 @@ def test_vllm_pooling_scores_equal_transformers(exported):
         "probs = [o.outputs.probs[0] for o in rm.llm.classify([{'prompt_token_ids': s} for s in seqs], use_tqdm=False)]\n"
         "print('RESULT', json.dumps({'logits': rm.score_ids(seqs).tolist(), 'probs': probs}))\n"
     )
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    # in-process, as on a CPU run (an engine an earlier test built in this process may have exported the
+    # multi-process switch; a multi-process engine left to interpreter exit can abort it)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     r = subprocess.run([sys.executable, "-c", script, rm_dir, json.dumps(seqs)], capture_output=True, text=True,
                        timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
