@@ -1,9 +1,9 @@
-"""PPO-clip with an off-policy correction for off-policy samples. Advantages are per sample (the
-critic-free variant: group baseline, GRPO-style) or per token (PPO with a critic: GAE, ``algorithms/ppo_critic.py``). The
+"""PPO-clip with an off-policy correction for off-policy samples. Advantages are per sample (the critic-free
+variant: group baseline, GRPO-style) or per token (PPO with a critic: GAE, ``algorithms/ppo_critic.py``). The
 importance weight against the sampler (vLLM) is by default ``w = min(pi_old / pi_sampler, tis_cap)`` (truncated
 importance sampling; ``correction``: masked, sequence-masked or none, ``algorithms/corrections.py``), detached; the
-clipped ratio is taken against ``old_logp`` (the learner's log-probs when the batch arrived; with one update per batch that is
-the current policy, so the ratio is 1 and all of the off-policy correction is in ``w``; with
+clipped ratio is taken against ``old_logp`` (the learner's log-probs when the batch arrived; with one update per
+batch that is the current policy, so the ratio is 1 and all of the off-policy correction is in ``w``; with
 ``algorithm.updates_per_batch > 1`` the ratio moves and the clip acts)."""
 
 from __future__ import annotations

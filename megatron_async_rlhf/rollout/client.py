@@ -181,11 +181,10 @@ class RolloutClient:
                 failure = e
         # the whole learner pool leaves the sync together, and fails together (a checkpoint needs every rank)
         failures = [None] * dist.get_world_size()
-        dist.all_gather_object(failures, None if failure is None else (type(failure).__name__, str(failure)))
-        first = next((f for f in failures if f is not None), None)
+        dist.all_gather_object(failures, failure)
+        first = failure or next((f for f in failures if f is not None), None)
         if first is not None:
-            raise failure if failure is not None else (EngineGaveUp if first[0] == "EngineGaveUp" else RolloutError)(
-                first[1])
+            raise first
         self.last_sync = stats
         return stats
 

@@ -5,11 +5,12 @@ schedule (``schedules/fully_async.py``) streams instead (:class:`_Streaming`): `
 loop steps the engine between commands while any is in flight, ``poll`` returns the groups finished (scored) so far,
 and a ``sync`` that arrives then is loaded between two engine steps (the groups in flight continue under the new
 weights). While streaming, the loop looks for a command only when its doorbell rings (``client.doorbell``: a store
-counter the controller raises before each command; a posted gloo receive cannot be polled). Every message of the engine answers a command of the controller (request/response), so the engine never
-blocks on a send while the learner pushes weights. The engine is held by a
-supervisor (``supervisor.py``): an engine that dies or hangs is restarted with the weights it held and the command
-repeated; the controller is told first (``{"event": ...}`` messages before the answer). An engine that cannot be
-restarted answers ``{"failed": why}`` and waits for the shutdown.
+counter the controller raises before each command; a posted gloo receive cannot be polled). Every message of the
+engine answers a command of the controller (request/response), so the engine never blocks on a send while the
+learner pushes weights. The engine is held by a supervisor (``supervisor.py``): an engine that dies or hangs is
+restarted with the weights it held and the command repeated; the controller is told first (``{"event": ...}``
+messages before the answer). An engine that cannot be restarted answers ``{"failed": why}`` and waits for the
+shutdown.
 """
 
 from __future__ import annotations
@@ -140,14 +141,8 @@ def _command(ctx: ClusterContext, sup: EngineSupervisor, msg: dict, stats: dict,
         samples = sup.call("generating", lambda e: e.generate(msg["prompts"], msg["sampling"],
                                                               first_index=msg["first_index"]), notify)
         reward_s = 0.0
-        if msg.get("rows") is not None and (reward_fn is not None or ctx.reward_bridge is not None):
-            from megatron_async_rlhf.rewards.placement import score_in_place, score_remotely
-
-            rows = {msg["first_index"] + i: r for i, r in enumerate(msg["rows"])}
-            if ctx.reward_bridge is not None:  # reward.placement=dedicated: this engine's reward rank scores
-                reward_s = score_remotely(ctx.reward_bridge, samples, rows)
-            else:
-                reward_s = score_in_place(reward_fn, samples, rows)
+        if msg.get("rows") is not None:
+            reward_s = _score(ctx, reward_fn, samples, {msg["first_index"] + i: r for i, r in enumerate(msg["rows"])})
         stats["generate_calls"] += 1
         stats["samples"] += len(samples)
         ch.send_obj({"samples": samples, "seconds": time.perf_counter() - t0, "reward_s": reward_s}, 0,
@@ -156,14 +151,30 @@ def _command(ctx: ClusterContext, sup: EngineSupervisor, msg: dict, stats: dict,
         ch.send_obj({"logprobs": sup.call("scoring", lambda e: e.score(msg["sequences"]), notify)}, 0,
                     "returning scores")
     elif cmd == "sync":
-        load = sup.load_weights(bridge_receiver(ctx, msg["stages"]), msg["version"], notify)
-        stats["syncs"] += 1
-        stats["pid"], stats["worker_pids"] = os.getpid(), load.get("worker_pids", [])
-        ch.send_obj({**load, "version": sup.engine.version}, 0, "acknowledging a weight sync")
+        _acknowledge_sync(ctx, sup, sup.load_weights(bridge_receiver(ctx, msg["stages"]), msg["version"], notify),
+                          stats)
     elif cmd in handlers:
         handlers[cmd](ctx, sup.engine, msg)
     else:
         raise ValueError(f"unknown rollout command {cmd!r}")
+
+
+def _score(ctx: ClusterContext, reward_fn, samples: list, rows: dict) -> float:
+    """Score ``samples`` here when rewards are computed on the rollout pool (``rows``: prompt index -> its row);
+    returns the seconds it took (0 when the scorer is elsewhere)."""
+    if reward_fn is None and ctx.reward_bridge is None:
+        return 0.0
+    from megatron_async_rlhf.rewards.placement import score_in_place, score_remotely
+
+    if ctx.reward_bridge is not None:  # reward.placement=dedicated: this engine's reward rank scores
+        return score_remotely(ctx.reward_bridge, samples, rows)
+    return score_in_place(reward_fn, samples, rows)
+
+
+def _acknowledge_sync(ctx: ClusterContext, sup: EngineSupervisor, load: dict, stats: dict) -> None:
+    stats["syncs"] += 1
+    stats["pid"], stats["worker_pids"] = os.getpid(), load.get("worker_pids", [])
+    ctx.control.send_obj({**load, "version": sup.engine.version}, 0, "acknowledging a weight sync")
 
 
 class _Streaming:
@@ -211,13 +222,9 @@ class _Streaming:
         self.busy_s += time.perf_counter() - t
         for group in done:
             row = self.groups.pop(group.group_id)
-            if row is not None and (self.reward_fn is not None or self.ctx.reward_bridge is not None):
-                from megatron_async_rlhf.rewards.placement import score_in_place, score_remotely
-
-                rows = {s.prompt_index: row for s in group.samples}
-                self.reward_s += (score_remotely(self.ctx.reward_bridge, group.samples, rows)
-                                  if self.ctx.reward_bridge is not None else
-                                  score_in_place(self.reward_fn, group.samples, rows))
+            if row is not None:
+                self.reward_s += _score(self.ctx, self.reward_fn, group.samples,
+                                        {s.prompt_index: row for s in group.samples})
             self.ready.append(group)
 
     def command(self, msg: dict, stats: dict) -> None:
@@ -237,10 +244,7 @@ class _Streaming:
                          "up_s": time.perf_counter() - (self.t0 or time.perf_counter()), "reward_s": self.reward_s},
                         0, f"returning {len(ready)} finished groups")
         elif cmd == "sync":  # groups in flight: between two engine steps
-            load = self.sup.load_weights_between_steps(bridge_receiver(self.ctx, msg["stages"]), msg["version"],
-                                                       self.in_flight_kv)
-            stats["syncs"] += 1
-            stats["pid"], stats["worker_pids"] = os.getpid(), load.get("worker_pids", [])
-            ch.send_obj({**load, "version": self.sup.engine.version}, 0, "acknowledging a weight sync")
+            _acknowledge_sync(self.ctx, self.sup, self.sup.load_weights_between_steps(
+                bridge_receiver(self.ctx, msg["stages"]), msg["version"], self.in_flight_kv), stats)
         else:
             raise ValueError(f"unknown streaming command {cmd!r}")

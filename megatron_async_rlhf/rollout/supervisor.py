@@ -170,7 +170,6 @@ class EngineSupervisor:
         log.error("rollout engine %d failed while %s: %s; restarting it (%d of rollout.max_restarts=%d)", self.index,
                   what, reason, self.restarts, self.max_restarts)
         self.engine = self._start()
-        self.engine.version = 0
         loaded = {}
         if self._weights is not None:  # the weights the dead engine held
             loaded = self.engine.load_weight_stream(self._replay, self.version)
@@ -238,12 +237,11 @@ class EngineSupervisor:
                     raise
         if failed is None:
             self.version = version
-            self._weights = stream.kept if self.max_restarts > 0 else None
+            self._weights = stream.kept if stream.keep else None
             return out
         stream.drain()
         self.version, self._weights = version, stream.kept
         return self._restart(what, failed, notify)
-
 
     def load_weights_between_steps(self, receive, version: int, in_flight_kv: str) -> dict:
         """A weight stream loaded while streaming groups are in flight (``RolloutBackend.
@@ -254,7 +252,7 @@ class EngineSupervisor:
         stream = _KeptStream(receive, keep=self.max_restarts > 0)
         out = self.engine.update_weights_between_steps(stream, version, in_flight_kv)
         self.version = version
-        self._weights = stream.kept if self.max_restarts > 0 else None
+        self._weights = stream.kept if stream.keep else None
         return out
 
 
@@ -266,6 +264,7 @@ class _KeptStream:
     def __init__(self, receive, keep: bool):
         self.receive, self.keep = receive, keep
         self.kept: list[tuple] = []
+        self.received = 0
         self._alloc = None
         self._it = None
         self._lock = threading.Lock()
@@ -283,7 +282,8 @@ class _KeptStream:
             header, flat = next(self._it)
             if self.keep:
                 self.kept.append((header, flat.clone()))
-            faults.bucket_received(len(self.kept))
+            self.received += 1
+            faults.bucket_received(self.received)
             return header, flat
 
     def drain(self) -> None:
