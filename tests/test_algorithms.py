@@ -32,6 +32,22 @@ def test_online_dpo_gradient_pushes_chosen_up():
     assert c.grad.item() == pytest.approx(-0.5) and r.grad.item() == pytest.approx(0.5)  # sigmoid(0) = 1/2
 
 
+def test_online_dpo_logs_how_far_a_stale_pair_has_moved_by_hand():
+    from megatron_async_rlhf.algorithms.online_dpo import OnlineDPO
+    algo = OnlineDPO(OnlineDPO.Config(beta=0.5), None)
+    mask = t([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    logp = t([[0.0, -1.0, -2.0], [0.0, -0.5, 0.0]]) * mask
+    sampler = t([[9.0, -1.5, -1.0], [9.0, -1.0, 7.0]])  # outside the mask: ignored
+    ref = t([[0.0, -1.0, -1.0], [0.0, -1.0, 0.0]])
+    # chosen: learner -3 vs sampler -2.5 -> 0.5; rejected: -0.5 vs -1.0 -> 0.5; mean 0.5
+    loss, m = algo.loss(logp, {"mask": mask, "sampler": sampler, "ref": ref})
+    assert m["sampler_seq_logp_diff"].item() == pytest.approx(0.5)
+    # the sampler's log-probs never enter the loss: a pair is trained the same however stale it is
+    assert algo.loss(logp, {"mask": mask, "sampler": sampler - 3.0, "ref": ref})[0].item() == loss.item()
+    # margin = (-3 - -2) - (-0.5 - -1) = -1.5 -> -log sigmoid(-0.75) = log(1 + e^0.75)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(0.75)), abs=1e-6)
+
+
 def test_select_pairs():
     chosen, rejected, valid = select_pairs(t([[0.0, 1.0, 0.5], [1.0, 1.0, 1.0]]))
     assert chosen.tolist() == [1, 0] and rejected.tolist() == [0, 0] and valid.tolist() == [True, False]

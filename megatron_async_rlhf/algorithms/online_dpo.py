@@ -1,5 +1,14 @@
 """Online DPO (the paper's main loss): k >= 2 fresh samples per prompt, the best and worst by reward form a pair,
-sigmoid (DPO) or squared (IPO) loss on the policy/reference log-ratio margin."""
+sigmoid (DPO) or squared (IPO) loss on the policy/reference log-ratio margin.
+
+Stale pairs. The loss is a function of the learner's and the reference's log-probs of the pair only: the sampler's
+probabilities never enter it, so a pair sampled by an older policy is trained exactly as a fresh one (no importance
+weight, nothing masked). Staleness changes the data, not the formula: the pair was picked among an older policy's
+samples, and its margin is measured under the current policy, so a pair the policy has already moved towards has a
+larger margin and (sigmoid loss) a smaller gradient. How far the policy has moved from the pair's sampler is logged
+per step as ``sampler_seq_logp_diff``: the mean over the pair's sequences of ``|log pi(y|x) - log pi_sampler(y|x)|``
+(whole-sequence log-probs, the quantity the loss uses; with one update per batch, ``pi`` is the learner at the
+step's start)."""
 
 from __future__ import annotations
 
@@ -21,6 +30,12 @@ def select_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     rejected = rewards.argmin(dim=1)
     valid = rewards.max(dim=1).values > rewards.min(dim=1).values
     return chosen, rejected, valid
+
+
+def sequence_drift(logp: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``|sum_t (logp - sampler)|`` on the ``mask``'s tokens: how far each sequence's log-prob under
+    the learner is from its sampler's (``[b, T]`` each; a scalar)."""
+    return (((logp - sampler) * mask).sum(-1)).abs().mean()
 
 
 def online_dpo_loss(
@@ -77,4 +92,8 @@ class OnlineDPO(Algorithm):
 
     def loss(self, logp: torch.Tensor, m: dict) -> tuple[torch.Tensor, dict]:
         seq, ref_seq = logp.sum(-1), (m["ref"] * m["mask"]).sum(-1)  # [b]: rows alternate chosen, rejected
-        return online_dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], self.cfg.beta, self.cfg.loss_type)
+        loss, metrics = online_dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], self.cfg.beta,
+                                        self.cfg.loss_type)
+        # a pair's two rows: the per-row mean is this micro-batch's per-pair mean, so it averages exactly by pairs
+        metrics["sampler_seq_logp_diff"] = sequence_drift(logp.detach(), m["sampler"], m["mask"])
+        return loss, metrics
