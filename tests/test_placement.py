@@ -76,9 +76,9 @@ def test_placements_off_the_learner_score_like_the_controller(ppool, tiny_models
     assert "reward_s" in out["timing"] and out["timing"]["collect_wait_s"] >= 0
 
 
-def _poisoned_reward_model(hf_dir: str, out: str) -> str:
-    """A tiny HF reward model on the policy's tokenizer whose embedding of ``z`` is NaN: a prompt or completion with a
-    ``z`` scores NaN through the real transformers forward, every other text a finite score."""
+def _poisoned_reward_model(hf_dir: str, out: str, poison: bool = True) -> str:
+    """A tiny HF reward model on the policy's tokenizer whose embedding of ``z`` is NaN (``poison``): a prompt or
+    completion with a ``z`` scores NaN through the real transformers forward, every other text a finite score."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -88,7 +88,8 @@ def _poisoned_reward_model(hf_dir: str, out: str) -> str:
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(cfg)
     with torch.no_grad():
-        model.model.embed_tokens.weight[tok("z", add_special_tokens=False)["input_ids"][0]] = float("nan")
+        if poison:
+            model.model.embed_tokens.weight[tok("z", add_special_tokens=False)["input_ids"][0]] = float("nan")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -231,3 +232,32 @@ def test_bad_placements_are_named(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides, cuda=False)
+
+
+@pytest.mark.parametrize("placement", ["rollout", "dedicated"])
+def test_fully_async_scores_each_group_with_a_reward_model_off_the_learner(tiny_models, tmp_path, placement):
+    """schedule=fully_async with a reward model: each group is scored where reward.placement puts the scorer as soon
+    as it finishes (beside the engine, or on a reward rank of its own), and the steps train on those scores."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    hf = tiny_models["tiny-gqa"]
+    rm_dir = _poisoned_reward_model(hf, str(tmp_path / "rm"), poison=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "run"
+    extra = ["cluster.reward_ranks=1"] if placement == "dedicated" else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", "logging.wandb_mode=disabled",
+         "schedule=fully_async", "pin_cpus=false", "sft.steps=0", "algorithm.steps=4", "algorithm.prompts_per_step=4",
+         "data.eval_size=4", "eval.every=0", "algorithm.max_staleness=1", "reward.kind=reward_model",
+         f"reward.reward_model_path={rm_dir}", f"reward.placement={placement}", *extra],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rl = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == [1, 2, 3, 4]
+    assert all(r["staleness_max"] <= 1 for r in rl)
+    # a reward model's scores, not a checker's 0/1: every prompt's k samples differ, so every prompt makes a pair
+    assert all(r["pairs"] == 4 and r["reward_mean"] not in (0.0, 1.0) for r in rl), rl
