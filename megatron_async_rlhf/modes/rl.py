@@ -100,7 +100,7 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
             saved_at[0] = schedule.version
             return run_state.save(cfg, schedule.version, schedule, prompts, policy, ref, critic, mine)
 
-        t_rl = time.perf_counter()
+        t_rl = t_last = time.perf_counter()
         with _checkpoint_if_engines_fail(schedule, saved_at, checkpoint):
             for mb in schedule.run():
                 if mb is ENGINES_IDLE:  # the engines hold the learner's weights, nothing in flight
@@ -113,6 +113,8 @@ def train(cfg: RunConfig, ctx, model_path: str) -> dict | None:
                 m = {**timing, **rl_step(mb, rewards, ac, policy.ddp, policy.opt, ref, policy.mcfg.vocab_size,
                                          cfg.learner.max_tokens_per_micro_batch, critic=critic),
                      **mb.stats, "lr": _lr(policy.opt), "train_s": time.perf_counter() - t0}  # lr: the step's
+                m["learner_wait_frac"] = _wait_fraction(m["train_s"], time.perf_counter() - t_last)
+                t_last = time.perf_counter()
                 step = mb.index + 1
                 if metrics:
                     metrics.log(step, "rl", **{k: v for k, v in m.items() if isinstance(v, (int, float))})
@@ -169,6 +171,12 @@ def _checkpoint_if_engines_fail(schedule, saved_at: list, checkpoint):
             log.error("%s; writing a checkpoint of step %d first (continue with resume=auto)", e, schedule.version)
             checkpoint()
         raise
+
+
+def _wait_fraction(train_s: float, since_last_s: float) -> float:
+    """The share of the learner's time since its previous step not spent in this step (rewards on the controller and
+    the update): waiting for samples, pushing weights, evaluating, checkpointing."""
+    return max(0.0, since_last_s - train_s) / since_last_s if since_last_s > 0 else 0.0
 
 
 def _log_events(client, metrics, step: int) -> None:
