@@ -295,12 +295,14 @@ def test_vllm_pooling_scores_equal_transformers(exported):
         "seqs = json.loads(sys.argv[2])\n"
         "rm = VLLMRewardModel(sys.argv[1], max_model_len=64)\n"
         "probs = [o.outputs.probs[0] for o in rm.llm.classify([{'prompt_token_ids': s} for s in seqs], use_tqdm=False)]\n"
-        "print('RESULT', json.dumps({'logits': rm.score_ids(seqs).tolist(), 'probs': probs}))\n"
+        "import psutil\n"
+        "print('RESULT', json.dumps({'logits': rm.score_ids(seqs).tolist(), 'probs': probs,\n"
+        "                            'children': len(psutil.Process().children(recursive=True))}))\n"
     )
-    # in-process, as on a CPU run (an engine an earlier test built in this process may have exported the
-    # multi-process switch; a multi-process engine left to interpreter exit can abort it)
+    # a multi-process switch left in the environment (by an engine built earlier, as a suite's tests do) is not
+    # inherited: on CPU the pooling engine runs in-process, as the rollout engines do
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     r = subprocess.run([sys.executable, "-c", script, rm_dir, json.dumps(seqs)], capture_output=True, text=True,
                        timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -309,6 +311,7 @@ def test_vllm_pooling_scores_equal_transformers(exported):
     torch.testing.assert_close(torch.tensor(got["logits"]), hf, atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.tensor(got["probs"]), torch.sigmoid(hf), atol=ATOL, rtol=0)
     torch.testing.assert_close(learner, hf, atol=ATOL, rtol=0)
+    assert got["children"] == 0  # in-process: no engine core process
 
 
 @pytest.mark.multiproc
