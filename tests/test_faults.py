@@ -136,11 +136,11 @@ def test_engine_rank_killed_mid_generation_checkpoints_and_resume_finishes_the_r
 
 
 # ----- the learner's side: a rank killed, SIGTERM while a checkpoint is written -----------------------------------
-def _start(out, *extra):
+def _start(out, *extra, common=(*COMMON, "checkpoint.every=4")):
     env = {k: v for k, v in os.environ.items() if k != "MRLHF_FAULTS"}
-    return subprocess.Popen([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *COMMON,
-                             "checkpoint.every=4", *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *common, *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def _wait(proc, done, what, timeout=300):
@@ -206,3 +206,39 @@ def test_sigterm_while_a_checkpoint_is_written_then_resume_is_exact(baseline, tm
     rc, log = _run(tmp_path, "checkpoint.every=4", "resume=auto")
     assert rc == 0, log[-3000:]
     assert _numbers(_rl(tmp_path)) == _numbers([r for r in baseline if r["phase"] == "rl"])
+
+
+# ----- schedule=fully_async: the learner's controller killed while groups stream ------------------------------------
+FULLY_ASYNC = ["logging.wandb_mode=disabled", "schedule=fully_async", "pin_cpus=false", "sft.steps=0",
+               "algorithm.steps=6", "data.eval_size=8", "algorithm.max_staleness=1", "checkpoint.every=2"]
+
+
+@pytest.mark.multiproc
+def test_fully_async_learner_rank_killed_then_resume_trains_each_step_once(tmp_path):
+    """kill -9 of learner rank 0 (the controller, which holds the group ledger) after step 3 of 6: the run goes down
+    without orphans; ``resume=auto`` continues from the newest checkpoint, admits the groups after it again and ends
+    0 (the schedule raises at the end if its ledger does not balance): every step is in metrics.jsonl once."""
+    p = _start(tmp_path, common=FULLY_ASYNC)
+    _wait(p, lambda: len(_rl(tmp_path)) >= 3, "step 3")
+    os.kill(_learner_rank0(p.pid), signal.SIGKILL)
+    assert p.wait(timeout=120) != 0
+    t_end = time.time() + 30
+    while _session(p.pid) and time.time() < t_end:
+        time.sleep(0.2)
+    assert _session(p.pid) == []  # no orphans: the engine rank and vLLM went with it
+    before = _rl(tmp_path)
+    from megatron_async_rlhf.run_state import complete_checkpoints
+
+    ckpt = max(s for s, _ in complete_checkpoints(str(tmp_path)))
+    assert 2 <= ckpt <= len(before)
+    env = {k: v for k, v in os.environ.items() if k != "MRLHF_FAULTS"}
+    proc = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={tmp_path}", *FULLY_ASYNC,
+                           "resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert re.search(rf"resumed from \S+step_{ckpt:06d} \(step {ckpt}\)", log), log[-3000:]
+    rl = _rl(tmp_path)
+    assert [r["step"] for r in rl] == list(range(1, 7))  # each step once: the rows after the checkpoint were cut
+    assert rl[:ckpt] == before[:ckpt]  # what was checkpointed is kept as it was
+    assert all(r["staleness_max"] <= 1 and r["version"] == r["step"] for r in rl)
+    assert rl[ckpt]["staleness_max"] == 0  # the first resumed step's groups were generated again by its weights
