@@ -27,11 +27,11 @@ COMMON = ["logging.wandb_mode=disabled", "sft.steps=20", f"algorithm.steps={STEP
 MULTIPROCESS = ["rollout.vllm.engine_multiprocess=true", "cluster.bucket_mb=0.05"]  # a sync of many buckets
 
 
-def _run(out, *extra, faults=None, timeout=900):
+def _run(out, *extra, faults=None, timeout=900, common=COMMON):
     env = {k: v for k, v in os.environ.items() if k != "MRLHF_FAULTS"}
     if faults:
         env["MRLHF_FAULTS"] = faults
-    p = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *COMMON, *extra],
+    p = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *common, *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
@@ -210,7 +210,7 @@ def test_sigterm_while_a_checkpoint_is_written_then_resume_is_exact(baseline, tm
 
 # ----- schedule=fully_async: the learner's controller killed while groups stream ------------------------------------
 FULLY_ASYNC = ["logging.wandb_mode=disabled", "schedule=fully_async", "pin_cpus=false", "sft.steps=0",
-               "algorithm.steps=6", "data.eval_size=8", "algorithm.max_staleness=1", "checkpoint.every=2"]
+               "algorithm.steps=6", "data.eval_size=8", "algorithm.max_staleness=1"]
 
 
 @pytest.mark.multiproc
@@ -218,7 +218,7 @@ def test_fully_async_learner_rank_killed_then_resume_trains_each_step_once(tmp_p
     """kill -9 of learner rank 0 (the controller, which holds the group ledger) after step 3 of 6: the run goes down
     without orphans; ``resume=auto`` continues from the newest checkpoint, admits the groups after it again and ends
     0 (the schedule raises at the end if its ledger does not balance): every step is in metrics.jsonl once."""
-    p = _start(tmp_path, common=FULLY_ASYNC)
+    p = _start(tmp_path, common=[*FULLY_ASYNC, "checkpoint.every=2"])
     _wait(p, lambda: len(_rl(tmp_path)) >= 3, "step 3")
     os.kill(_learner_rank0(p.pid), signal.SIGKILL)
     assert p.wait(timeout=120) != 0
@@ -231,14 +231,35 @@ def test_fully_async_learner_rank_killed_then_resume_trains_each_step_once(tmp_p
 
     ckpt = max(s for s, _ in complete_checkpoints(str(tmp_path)))
     assert 2 <= ckpt <= len(before)
-    env = {k: v for k, v in os.environ.items() if k != "MRLHF_FAULTS"}
-    proc = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={tmp_path}", *FULLY_ASYNC,
-                           "resume=auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    rc, log = _run(tmp_path, "checkpoint.every=2", "resume=auto", common=FULLY_ASYNC)
+    assert rc == 0, log[-3000:]
     assert re.search(rf"resumed from \S+step_{ckpt:06d} \(step {ckpt}\)", log), log[-3000:]
     rl = _rl(tmp_path)
     assert [r["step"] for r in rl] == list(range(1, 7))  # each step once: the rows after the checkpoint were cut
     assert rl[:ckpt] == before[:ckpt]  # what was checkpointed is kept as it was
     assert all(r["staleness_max"] <= 1 and r["version"] == r["step"] for r in rl)
     assert rl[ckpt]["staleness_max"] == 0  # the first resumed step's groups were generated again by its weights
+
+
+@pytest.mark.multiproc
+def test_fully_async_engine_killed_while_streaming_restarts_and_each_step_is_trained_once(tmp_path):
+    """The engine core (its own process) killed after a streaming engine step (generation call 3: 1 is the evaluation
+    before RL) and mid-sync of v2 (sync 3; between engine steps if groups are in flight then, which the tiny recipe's
+    short answers rarely are: that case is tested in test_fully_async.py): each time the rank restarts it with the
+    weights it held (or was loading), admits the groups in flight again, and the run finishes with every step trained
+    once within the bound."""
+    vllm_before = set(_vllm_processes())  # (another run's engines may be up)
+    rc, log = _run(tmp_path, *MULTIPROCESS, "rollout.max_restarts=2", common=FULLY_ASYNC,
+                   faults="kill@generate#3,kill@sync#3")
+    assert rc == 0, log[-3000:]
+    rows = _rows(tmp_path)
+    events = [r for r in rows if r["phase"] == "event"]
+    assert [(e["event"], e["restart"], e["reason"]) for e in events] == [
+        ("engine_restart", 1, "its engine core died"), ("engine_restart", 2, "its engine core died")], events
+    assert events[0]["while"] == "generating (streaming)" and events[0]["version"] == 0
+    assert events[1]["while"].startswith("loading weights") and events[1]["version"] == 2  # the version being loaded
+    assert "streaming groups admitted again after the restart" in log
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == list(range(1, 7))  # each step once (the schedule's ledger balanced: exit 0)
+    assert all(r["staleness_max"] <= 1 and r["version"] == r["step"] for r in rl)
+    assert set(_vllm_processes()) - vllm_before == set()
