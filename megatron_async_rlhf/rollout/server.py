@@ -118,6 +118,7 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None, handlers: 
                 sup.engine.abort_all()
             if ctx.reward_bridge is not None:
                 ctx.reward_bridge.send_obj({"cmd": "shutdown"}, 1, "stopping the reward rank")
+            streaming.flush()  # (read by RolloutClient._reply too)
             ch.send_obj(stats, 0, "acknowledging shutdown")
             return stats
         if failed is not None:
@@ -234,10 +235,12 @@ class _Streaming:
 
     @contextlib.contextmanager
     def answering_to(self, cmd: str) -> Iterator[None]:
-        """While command ``cmd`` is carried out: the controller waits for its answer (an admit has none), so restart
-        events go at once, the kept ones first. Those of a sync are sent once its weights are received (till then the
-        learner is sending them, not reading)."""
-        if cmd == "admit":
+        """While command ``cmd`` is carried out. The controller reads the answers to ``poll``, ``generate``, ``score``
+        and ``sync`` taking restart events first (``RolloutClient._reply``): the kept events are sent before them, and
+        a restart's go at once (a sync's restart comes once its weights are received: till then the learner sends,
+        it does not read, so the kept ones wait for a later answer). An admit has no answer; a mode's own commands
+        read theirs as they are."""
+        if cmd not in ("poll", "generate", "score", "sync"):
             yield
             return
         if cmd != "sync":
