@@ -260,3 +260,20 @@ def test_fully_async_engine_killed_while_streaming_restarts_and_each_step_is_tra
     assert [r["step"] for r in rl] == list(range(1, 7))  # each step once (the schedule's ledger balanced: exit 0)
     assert all(r["staleness_max"] <= 1 and r["version"] == r["step"] for r in rl)
     assert set(_vllm_processes()) - vllm_before == set()
+
+
+@pytest.mark.multiproc
+def test_fully_async_engine_past_max_restarts_checkpoints_and_exits_1_naming_it(tmp_path):
+    """A streaming engine step's death with no restart left (found between two commands): the next command is
+    answered ``failed``, the learner pool checkpoints what it trained and the run exits 1 naming the engine."""
+    vllm_before = set(_vllm_processes())
+    rc, log = _run(tmp_path, *MULTIPROCESS, "rollout.max_restarts=0", common=FULLY_ASYNC, faults="kill@generate#12")
+    assert rc == 1, log[-3000:]
+    last = [ln for ln in log.splitlines() if "run stopped:" in ln][-1]
+    assert "rollout engine 0 failed while generating (streaming): its engine core died" in last
+    assert "rollout.max_restarts=0" in last and "resume=auto" in last
+    from megatron_async_rlhf.run_state import complete_checkpoints
+
+    trained = len(_rl(tmp_path))
+    assert 1 <= trained < 6 and [s for s, _ in complete_checkpoints(str(tmp_path))] == [trained]
+    assert set(_vllm_processes()) - vllm_before == set()
