@@ -244,17 +244,21 @@ def test_fully_async_learner_rank_killed_then_resume_trains_each_step_once(tmp_p
 @pytest.mark.multiproc
 def test_fully_async_engine_killed_while_streaming_restarts_and_each_step_is_trained_once(tmp_path):
     """The engine core (its own process) killed after a streaming engine step with groups in flight (generation call
-    3: 1 is the evaluation before RL, 2 and 3 are engine steps of step 1's groups): the rank restarts it with the
-    weights it held, admits the groups in flight again, and the run finishes with every step trained once within the
-    bound. (A death mid-sync between engine steps: test_fully_async.py; mid-sync without groups in flight is the
-    round schedule's restart, above.)"""
+    3: 1 is the evaluation before RL, 2 and 3 are engine steps of step 1's groups), then hung (SIGSTOP) after the
+    11th engine step: each time the rank restarts it with the weights it held, admits the groups in flight again,
+    and the run finishes with every step trained once within the bound. (A death mid-sync between engine steps:
+    test_fully_async.py; mid-sync without groups in flight is the round schedule's restart, above. The hang timeout
+    bounds one engine step here: 6 s once killed a healthy step on the loaded 2-core machine.)"""
     vllm_before = set(_vllm_processes())  # (another run's engines may be up)
-    rc, log = _run(tmp_path, *MULTIPROCESS, "rollout.max_restarts=1", common=FULLY_ASYNC, faults="kill@generate#3")
+    rc, log = _run(tmp_path, *MULTIPROCESS, "rollout.max_restarts=2", "rollout.hang_timeout_s=20", common=FULLY_ASYNC,
+                   faults="kill@generate#3,stop@generate#12")
     assert rc == 0, log[-3000:]
     rows = _rows(tmp_path)
     events = [r for r in rows if r["phase"] == "event"]
-    assert [(e["event"], e["restart"], e["while"], e["reason"], e["version"]) for e in events] == [
-        ("engine_restart", 1, "generating (streaming)", "its engine core died", 0)], events
+    assert [(e["event"], e["restart"], e["while"], e["reason"]) for e in events] == [
+        ("engine_restart", 1, "generating (streaming)", "its engine core died"),
+        ("engine_restart", 2, "generating (streaming)", "hung past rollout.hang_timeout_s=20 s")], events
+    assert events[0]["version"] == 0
     assert "streaming groups admitted again after the restart" in log
     rl = [r for r in rows if r["phase"] == "rl"]
     assert [r["step"] for r in rl] == list(range(1, 7))  # each step once (the schedule's ledger balanced: exit 0)
