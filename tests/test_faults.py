@@ -27,11 +27,11 @@ COMMON = ["logging.wandb_mode=disabled", "sft.steps=20", f"algorithm.steps={STEP
 MULTIPROCESS = ["rollout.vllm.engine_multiprocess=true", "cluster.bucket_mb=0.05"]  # a sync of many buckets
 
 
-def _run(out, *extra, faults=None, timeout=900):
+def _run(out, *extra, faults=None, timeout=900, common=COMMON):
     env = {k: v for k, v in os.environ.items() if k != "MRLHF_FAULTS"}
     if faults:
         env["MRLHF_FAULTS"] = faults
-    p = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *COMMON, *extra],
+    p = subprocess.run([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *common, *extra],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
@@ -136,11 +136,11 @@ def test_engine_rank_killed_mid_generation_checkpoints_and_resume_finishes_the_r
 
 
 # ----- the learner's side: a rank killed, SIGTERM while a checkpoint is written -----------------------------------
-def _start(out, *extra):
+def _start(out, *extra, common=(*COMMON, "checkpoint.every=4")):
     env = {k: v for k, v in os.environ.items() if k != "MRLHF_FAULTS"}
-    return subprocess.Popen([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *COMMON,
-                             "checkpoint.every=4", *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "megatron_async_rlhf", f"logging.out_dir={out}", *common, *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def _wait(proc, done, what, timeout=300):
@@ -206,3 +206,78 @@ def test_sigterm_while_a_checkpoint_is_written_then_resume_is_exact(baseline, tm
     rc, log = _run(tmp_path, "checkpoint.every=4", "resume=auto")
     assert rc == 0, log[-3000:]
     assert _numbers(_rl(tmp_path)) == _numbers([r for r in baseline if r["phase"] == "rl"])
+
+
+# ----- schedule=fully_async: the learner's controller killed while groups stream ------------------------------------
+FULLY_ASYNC = ["logging.wandb_mode=disabled", "schedule=fully_async", "pin_cpus=false", "sft.steps=0",
+               "algorithm.steps=6", "data.eval_size=8", "algorithm.max_staleness=1"]
+
+
+@pytest.mark.multiproc
+def test_fully_async_learner_rank_killed_then_resume_trains_each_step_once(tmp_path):
+    """kill -9 of learner rank 0 (the controller, which holds the group ledger) after step 3 of 6: the run goes down
+    without orphans; ``resume=auto`` continues from the newest checkpoint, admits the groups after it again and ends
+    0 (the schedule raises at the end if its ledger does not balance): every step is in metrics.jsonl once."""
+    p = _start(tmp_path, common=[*FULLY_ASYNC, "checkpoint.every=2"])
+    _wait(p, lambda: len(_rl(tmp_path)) >= 3, "step 3")
+    os.kill(_learner_rank0(p.pid), signal.SIGKILL)
+    assert p.wait(timeout=120) != 0
+    t_end = time.time() + 30
+    while _session(p.pid) and time.time() < t_end:
+        time.sleep(0.2)
+    assert _session(p.pid) == []  # no orphans: the engine rank and vLLM went with it
+    before = _rl(tmp_path)
+    from megatron_async_rlhf.run_state import complete_checkpoints
+
+    ckpt = max(s for s, _ in complete_checkpoints(str(tmp_path)))
+    assert 2 <= ckpt <= len(before)
+    rc, log = _run(tmp_path, "checkpoint.every=2", "resume=auto", common=FULLY_ASYNC)
+    assert rc == 0, log[-3000:]
+    assert re.search(rf"resumed from \S+step_{ckpt:06d} \(step {ckpt}\)", log), log[-3000:]
+    rl = _rl(tmp_path)
+    assert [r["step"] for r in rl] == list(range(1, 7))  # each step once: the rows after the checkpoint were cut
+    assert rl[:ckpt] == before[:ckpt]  # what was checkpointed is kept as it was
+    assert all(r["staleness_max"] <= 1 and r["version"] == r["step"] for r in rl)
+    assert rl[ckpt]["staleness_max"] == 0  # the first resumed step's groups were generated again by its weights
+
+
+@pytest.mark.multiproc
+def test_fully_async_engine_killed_while_streaming_restarts_and_each_step_is_trained_once(tmp_path):
+    """The engine core (its own process) killed after a streaming engine step with groups in flight (generation call
+    3: 1 is the evaluation before RL, 2 and 3 are engine steps of step 1's groups), then hung (SIGSTOP) after the
+    11th engine step: each time the rank restarts it with the weights it held, admits the groups in flight again,
+    and the run finishes with every step trained once within the bound. (A death mid-sync between engine steps:
+    test_fully_async.py; mid-sync without groups in flight is the round schedule's restart, above. The hang timeout
+    bounds one engine step here: 6 s once killed a healthy step on the loaded 2-core machine.)"""
+    vllm_before = set(_vllm_processes())  # (another run's engines may be up)
+    rc, log = _run(tmp_path, *MULTIPROCESS, "rollout.max_restarts=2", "rollout.hang_timeout_s=20", common=FULLY_ASYNC,
+                   faults="kill@generate#3,stop@generate#12")
+    assert rc == 0, log[-3000:]
+    rows = _rows(tmp_path)
+    events = [r for r in rows if r["phase"] == "event"]
+    assert [(e["event"], e["restart"], e["while"], e["reason"]) for e in events] == [
+        ("engine_restart", 1, "generating (streaming)", "its engine core died"),
+        ("engine_restart", 2, "generating (streaming)", "hung past rollout.hang_timeout_s=20 s")], events
+    assert events[0]["version"] == 0
+    assert "streaming groups admitted again after the restart" in log
+    rl = [r for r in rows if r["phase"] == "rl"]
+    assert [r["step"] for r in rl] == list(range(1, 7))  # each step once (the schedule's ledger balanced: exit 0)
+    assert all(r["staleness_max"] <= 1 and r["version"] == r["step"] for r in rl)
+    assert set(_vllm_processes()) - vllm_before == set()
+
+
+@pytest.mark.multiproc
+def test_fully_async_engine_past_max_restarts_checkpoints_and_exits_1_naming_it(tmp_path):
+    """A streaming engine step's death with no restart left (found between two commands): the next command is
+    answered ``failed``, the learner pool checkpoints what it trained and the run exits 1 naming the engine."""
+    vllm_before = set(_vllm_processes())
+    rc, log = _run(tmp_path, *MULTIPROCESS, "rollout.max_restarts=0", common=FULLY_ASYNC, faults="kill@generate#12")
+    assert rc == 1, log[-3000:]
+    last = [ln for ln in log.splitlines() if "run stopped:" in ln][-1]
+    assert "rollout engine 0 failed while generating (streaming): its engine core died" in last
+    assert "rollout.max_restarts=0" in last and "resume=auto" in last
+    from megatron_async_rlhf.run_state import complete_checkpoints
+
+    trained = len(_rl(tmp_path))
+    assert 1 <= trained < 6 and [s for s, _ in complete_checkpoints(str(tmp_path))] == [trained]
+    assert set(_vllm_processes()) - vllm_before == set()

@@ -299,3 +299,127 @@ def test_without_straddling_it_trains_what_one_step_rounds_trains(tmp_path):
         same = (a.keys() & b.keys()) - timing
         assert {"reward_mean", "loss", "grad_norm", "kl_ref", "staleness", "batch_version"} <= same
         assert {k: a[k] for k in same} == {k: b[k] for k in same}
+
+
+# ----- engine restarts while streaming (rollout/server.py's _Streaming with a real supervisor, fake engines) ------
+class EngineDeadError(RuntimeError):
+    """Named as vLLM's: the supervisor takes it for a dead engine core."""
+
+
+class _StreamingEngine:
+    """A fake streaming engine: group g needs ``1 + g % 3`` engine steps; ``die_at``: the engine step that raises
+    EngineDeadError (counted from 1)."""
+
+    def __init__(self, die_at=None):
+        self.die_at, self.steps, self.version = die_at, 0, 0
+        self.left: dict[int, int] = {}
+        self.admitted: list[int] = []
+
+    def admit(self, group_id, prompt, sampling, prompt_index=None):
+        assert group_id not in self.left
+        self.left[group_id] = 1 + group_id % 3
+        self.admitted.append(group_id)
+
+    def in_flight(self):
+        return len(self.left)
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.die_at:
+            raise EngineDeadError("engine core died")
+        done = []
+        for g in list(self.left):
+            self.left[g] -= 1
+            if self.left[g] == 0:
+                del self.left[g]
+                done.append(FinishedGroup(g, [Sample(g, [g], [0], [0.0], "stop", self.version)]))
+        return done
+
+
+def _streaming_server(engines, max_restarts):
+    from megatron_async_rlhf.rollout.server import _Streaming
+    from megatron_async_rlhf.rollout.supervisor import EngineSupervisor
+
+    sent = []
+    ctx = SimpleNamespace(role=SimpleNamespace(engine=0), session="s", reward_bridge=None,
+                          store=SimpleNamespace(add=lambda key, n: 0),
+                          control=SimpleNamespace(send_obj=lambda obj, dst, what: sent.append(obj)))
+    sup = EngineSupervisor(lambda: engines.pop(0), lambda: None, 0, max_restarts, None)
+    return _Streaming(ctx, sup, None, "recompute", lambda event: sent.append(event)), sup, sent
+
+
+def test_streaming_restart_admits_the_groups_in_flight_again_and_returns_each_once():
+    """A death at engine step 2 between commands: the group finished at step 1 (not yet polled) is kept, the others
+    are admitted again on the new engine (which holds the dead one's version); the restart events are held back until
+    the next answer and sent before it; every group comes back exactly once."""
+    first, second = _StreamingEngine(die_at=2), _StreamingEngine()
+    streaming, sup, sent = _streaming_server([first, second], max_restarts=1)
+    sup.version = 3  # the newest weights the dead engine had loaded
+    groups = [{"id": g, "prompt": [g], "index": g, "sampling": SamplingSettings(n=1), "row": None} for g in range(6)]
+    stats = {"samples": 0}
+    with streaming.answering_to("admit"):
+        streaming.command({"cmd": "admit", "groups": groups}, stats)
+    streaming.step()  # groups 0 and 3 finish
+    streaming.step()  # the engine dies: restarted, the 4 groups in flight admitted again
+    assert sup.engine is second and second.version == 3 and sup.restarts == 1
+    assert second.admitted == [1, 2, 4, 5] and sent == []  # nobody is listening between commands: held back
+    returned = []
+    while streaming.groups or streaming.ready:
+        with streaming.answering_to("poll"):
+            streaming.command({"cmd": "poll", "wait": True}, stats)
+        returned += [g.group_id for g in sent[-1]["groups"]]
+    assert [e["event"] for e in sent[:2]] == ["engine_restarting", "engine_restart"]
+    assert sent[1]["while"] == "generating (streaming)" and sent[1]["version"] == 3
+    assert sorted(returned) == list(range(6)) and stats["samples"] == 6  # each group once
+
+
+def test_streaming_restart_past_max_restarts_gives_up():
+    from megatron_async_rlhf.rollout.supervisor import EngineGaveUp
+
+    streaming, sup, _ = _streaming_server([_StreamingEngine(die_at=1)], max_restarts=0)
+    with streaming.answering_to("admit"):
+        streaming.command({"cmd": "admit", "groups": [{"id": 0, "prompt": [0], "index": 0,
+                                                       "sampling": SamplingSettings(n=1)}]}, {"samples": 0})
+    with pytest.raises(EngineGaveUp, match=r"rollout engine 0 failed while generating \(streaming\).*max_restarts=0"):
+        streaming.step()
+
+
+def test_streaming_restart_mid_sync_loads_the_version_being_loaded_and_admits_again():
+    """A death while a weight sync is loaded between engine steps: the rest of the stream is still received, the new
+    engine loads all of it as the version being synced, and the groups in flight are admitted there again."""
+    import torch
+
+    class Loading(_StreamingEngine):
+        def __init__(self, die):
+            super().__init__()
+            self.die, self.loaded = die, []
+
+        def load_weight_stream(self, receive, version):
+            for header, flat in receive(lambda n: torch.empty(n, dtype=torch.uint8)):
+                if self.die:
+                    raise EngineDeadError("engine core died")
+                self.loaded.append(bytes(flat))
+            self.version = version
+            return {"buckets": len(self.loaded)}
+
+        def update_weights_between_steps(self, receive, version, in_flight_kv):
+            return {**self.load_weight_stream(receive, version), "in_flight": len(self.left)}
+
+    def receive(alloc):
+        for i in range(3):
+            buf = alloc(2)
+            buf.fill_(i)
+            yield [f"bucket{i}"], buf
+
+    first, second = Loading(die=True), Loading(die=False)
+    streaming, sup, sent = _streaming_server([first, second], max_restarts=1)
+    with streaming.answering_to("admit"):
+        streaming.command({"cmd": "admit", "groups": [{"id": g, "prompt": [g], "index": g,
+                                                       "sampling": SamplingSettings(n=1)} for g in (1, 2)]}, {})
+    with streaming.answering_to("sync"):
+        out = sup.load_weights_between_steps(receive, 4, "keep", streaming.notify)
+    assert sup.engine is second and sup.version == second.version == 4
+    assert second.loaded == [bytes([i, i]) for i in range(3)]  # the whole stream, the buckets after the death too
+    assert second.admitted == [1, 2] and out["in_flight"] == 2 and out["buckets"] == 3
+    assert [(e["event"], e["while"]) for e in sent] == [("engine_restarting", "loading weights between engine steps"),
+                                                          ("engine_restart", "loading weights between engine steps")]

@@ -2,8 +2,9 @@
 
 ``MRLHF_FAULTS="kill@generate#3"`` (comma-separated for several): ACTION@CALL#N, on engine ``MRLHF_FAULT_ENGINE``
 (default 0), where CALL is ``generate`` or ``score`` (fires after the engine's first step of the N-th such request:
-mid-generation) or ``sync`` (fires when the N-th weight sync's first bucket has arrived, while the rest are still on
-their way: mid-sync), and ACTION is
+mid-generation; with ``schedule=fully_async`` every streaming engine step counts as a generation request too, so the
+fault fires after that step, with groups in flight) or ``sync`` (fires when the N-th weight sync's first bucket has
+arrived, while the rest are still on their way: mid-sync; a sync between streaming engine steps counts), and ACTION is
 
 * ``kill``: SIGKILL the engine core (a crash: a GPU fallen off the bus, the OOM killer);
 * ``stop``: SIGSTOP the engine core (a hang: it neither answers nor dies; ``rollout.hang_timeout_s`` ends it);

@@ -8,17 +8,18 @@ weights). While streaming, the loop looks for a command only when its doorbell r
 counter the controller raises before each command; a posted gloo receive cannot be polled). Every message of the
 engine answers a command of the controller (request/response), so the engine never blocks on a send while the
 learner pushes weights. The engine is held by a supervisor (``supervisor.py``): an engine that dies or hangs is
-restarted with the weights it held and the command repeated; the controller is told first (``{"event": ...}``
-messages before the answer). An engine that cannot be restarted answers ``{"failed": why}`` and waits for the
-shutdown.
+restarted with the weights it held and the command repeated (streaming: the groups in flight admitted again); the
+controller is told first (``{"event": ...}`` messages before the answer). An engine that cannot be restarted answers
+``{"failed": why}`` and waits for the shutdown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -99,37 +100,45 @@ def serve(ctx: ClusterContext, settings: EngineSettings, reward=None, handlers: 
 
         reward_fn = RewardFn(reward, AutoTokenizer.from_pretrained(settings.model))
     failed = None  # why this engine is gone for good: every later command is answered with it
-    streaming = _Streaming(ctx, sup, reward_fn, rc.in_flight_kv)
+    streaming = _Streaming(ctx, sup, reward_fn, rc.in_flight_kv, notify)
     while True:
-        if streaming.groups and not streaming.rung():  # groups in flight: generate until a command comes
-            streaming.step()
+        if failed is None and streaming.groups and not streaming.rung():  # groups in flight: generate until a command
+            try:
+                streaming.step()
+            except EngineGaveUp as e:  # told as the answer to the next command
+                failed = str(e)
+                log.error("%s", failed)
             continue
         msg = ch.recv_obj(0, "waiting for a command from the learner", timeout_s=ctx.cfg.idle_timeout_s)
         cmd = msg["cmd"]
         streaming.received(cmd)
         stats["restarts"] = sup.restarts
-        if cmd in _Streaming.COMMANDS or (cmd == "sync" and streaming.groups):
-            streaming.command(msg, stats)
-            continue
         if cmd == "shutdown":
-            if streaming.groups:
+            if streaming.groups and failed is None:
                 sup.engine.abort_all()
             if ctx.reward_bridge is not None:
                 ctx.reward_bridge.send_obj({"cmd": "shutdown"}, 1, "stopping the reward rank")
+            streaming.flush()  # (read by RolloutClient._reply too)
             ch.send_obj(stats, 0, "acknowledging shutdown")
             return stats
         if failed is not None:
             if cmd == "sync":  # the stage owners send regardless: receive and drop
                 for _ in bridge_receiver(ctx, msg["stages"])(lambda n: torch.empty(n, dtype=torch.uint8)):
                     pass
-            ch.send_obj({"failed": failed}, 0, "reporting a failed engine")
+            if cmd != "admit":  # (an admit has no answer)
+                ch.send_obj({"failed": failed}, 0, "reporting a failed engine")
             continue
         try:
-            _command(ctx, sup, msg, stats, reward_fn, handlers, notify)
+            with streaming.answering_to(cmd):
+                if cmd in _Streaming.COMMANDS or (cmd == "sync" and streaming.groups):
+                    streaming.command(msg, stats)
+                else:
+                    _command(ctx, sup, msg, stats, reward_fn, handlers, streaming.notify)
         except EngineGaveUp as e:
             failed = str(e)
             log.error("%s", failed)
-            ch.send_obj({"failed": failed}, 0, "reporting a failed engine")
+            if cmd != "admit":
+                ch.send_obj({"failed": failed}, 0, "reporting a failed engine")
 
 
 def _command(ctx: ClusterContext, sup: EngineSupervisor, msg: dict, stats: dict, reward_fn, handlers: dict,
@@ -189,16 +198,27 @@ class _Streaming:
       (``update_weights_between_steps`` with ``rollout.in_flight_kv``), then acknowledged as a plain sync is.
 
     A group is scored as it finishes when rewards are computed on the rollout pool (``reward.placement=rollout`` or
-    ``dedicated``: the row travels with the group). Engine restarts (``supervisor.py``) are not done for streaming
-    calls yet: an engine step that fails ends this rank (the controller then names the engine), since the groups in
-    flight die with the engine and would have to be admitted again."""
+    ``dedicated``: the row travels with the group).
+
+    Engine restarts (``supervisor.py``): an admit, an engine step or a weight load between steps whose engine dies
+    (or hangs past ``rollout.hang_timeout_s``) restarts it with the newest weights it had loaded (or the ones it was
+    loading), and :meth:`readmit` admits every group of ``groups`` again from its own prompt and seeds (admitted, not
+    yet returned by an engine step: those finished on the dead engine but not collected included); the finished ones
+    in ``ready`` are kept, so each group comes back exactly once. The restart events are sent at once when the
+    controller waits for this engine's answer (a waiting poll, a sync), else before the next answer (an engine step
+    between commands: the controller may be sending a command or weights, and is not reading)."""
 
     COMMANDS = ("admit", "poll")
 
-    def __init__(self, ctx: ClusterContext, sup: EngineSupervisor, reward_fn, in_flight_kv: str):
+    def __init__(self, ctx: ClusterContext, sup: EngineSupervisor, reward_fn, in_flight_kv: str,
+                 notify: Callable[[dict], None]):
         self.ctx, self.sup, self.reward_fn, self.in_flight_kv = ctx, sup, reward_fn, in_flight_kv
-        self.groups: dict[int, dict | None] = {}  # admitted, not finished: group id -> its reward row
+        self._send_event = notify
+        self.groups: dict[int, dict] = {}  # admitted, not finished: group id -> its admit ({id, prompt, index, ...})
         self.ready: list = []  # finished, not yet polled
+        self.events: list[dict] = []  # restart events not sent yet (an engine step between commands)
+        self.answering = False  # the controller waits for this engine's answer: events go at once
+        sup.after_restart = self.readmit
         self.busy_s = self.reward_s = 0.0
         self.t0: float | None = None
         self.bell, self.heard = doorbell(ctx.session, ctx.role.engine), None  # commands counted since the first admit
@@ -213,38 +233,88 @@ class _Streaming:
         """A command is on its way (the controller rings before each send once it admitted groups)."""
         return self.ctx.store.add(self.bell, 0) > self.heard
 
+    @contextlib.contextmanager
+    def answering_to(self, cmd: str) -> Iterator[None]:
+        """While command ``cmd`` is carried out. The controller reads the answers to ``poll``, ``generate``, ``score``
+        and ``sync`` taking restart events first (``RolloutClient._reply``): the kept events are sent before them, and
+        a restart's go at once (a sync's restart comes once its weights are received: till then the learner sends,
+        it does not read, so the kept ones wait for a later answer). An admit has no answer; a mode's own commands
+        read theirs as they are."""
+        if cmd not in ("poll", "generate", "score", "sync"):
+            yield
+            return
+        if cmd != "sync":
+            self.flush()
+        self.answering = True
+        try:
+            yield
+        finally:
+            self.answering = False
+
+    def notify(self, event: dict) -> None:
+        """A restart event (``supervisor``'s notify): sent now if the controller waits for an answer, else kept for
+        the next answer."""
+        self.events.append(event)
+        if self.answering:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the kept restart events (before an answer: the controller reads them first)."""
+        events, self.events = self.events, []
+        for event in events:
+            self._send_event(event)
+
+    def readmit(self, engine) -> None:
+        """After a restart (``sup.after_restart``): admit the groups in flight on the dead engine to the new one,
+        with their own prompts and seeds."""
+        for g in self.groups.values():
+            engine.admit(g["id"], g["prompt"], g["sampling"], prompt_index=g["index"])
+        if self.groups:
+            log.warning("rollout engine %d: %d streaming groups admitted again after the restart",
+                        self.ctx.role.engine, len(self.groups))
+
     def step(self) -> None:
-        if not self.sup.engine.in_flight():  # an engine restarted by a generate/score call lost them
-            raise RuntimeError(f"rollout engine {self.ctx.role.engine} lost its {len(self.groups)} streaming groups "
-                               "in flight (restarted?): streaming generation does not survive engine restarts yet")
+        """One engine step (restarted after a death: the groups in flight are then admitted again, none returned)."""
+        if not self.sup.engine.in_flight():
+            raise RuntimeError(f"rollout engine {self.ctx.role.engine} holds none of the {len(self.groups)} streaming "
+                               "groups in flight: an engine was replaced without admitting them again")
         t = time.perf_counter()
-        done = self.sup.engine.step()
+        done = self.sup.streaming_call("generating (streaming)", "generating", lambda e: e.step(), self.notify)
+        if done is None:  # restarted: the time went to recovery, not to generation
+            return
         self.busy_s += time.perf_counter() - t
         for group in done:
-            row = self.groups.pop(group.group_id)
+            row = self.groups.pop(group.group_id).get("row")
             if row is not None:
                 self.reward_s += _score(self.ctx, self.reward_fn, group.samples,
                                         {s.prompt_index: row for s in group.samples})
             self.ready.append(group)
 
     def command(self, msg: dict, stats: dict) -> None:
-        ch, cmd = self.ctx.control, msg["cmd"]
-        if cmd == "admit":
+        cmd = msg["cmd"]
+        if cmd == "admit":  # no answer: a restart's events wait for the next one
             if self.t0 is None:
                 self.t0 = time.perf_counter()
             for g in msg["groups"]:
-                self.sup.engine.admit(g["id"], g["prompt"], g["sampling"], prompt_index=g["index"])
-                self.groups[g["id"]] = g.get("row")
+                if g["id"] in self.groups:
+                    raise ValueError(f"group {g['id']} is already in flight on engine {self.ctx.role.engine}")
+                self.groups[g["id"]] = g  # before the admit: a restart during it admits every group of `groups`
+
+            def admit(engine):
+                for g in msg["groups"]:
+                    engine.admit(g["id"], g["prompt"], g["sampling"], prompt_index=g["index"])
+
+            self.sup.streaming_call("admitting groups", "admitting", admit, self.notify)
         elif cmd == "poll":
             while msg.get("wait") and not self.ready and self.groups:
                 self.step()
             ready, self.ready = self.ready, []
             stats["samples"] += sum(len(g.samples) for g in ready)
-            ch.send_obj({"groups": ready, "in_flight": len(self.groups), "busy_s": self.busy_s,
-                         "up_s": time.perf_counter() - (self.t0 or time.perf_counter()), "reward_s": self.reward_s},
-                        0, f"returning {len(ready)} finished groups")
+            self.ctx.control.send_obj({"groups": ready, "in_flight": len(self.groups), "busy_s": self.busy_s,
+                                       "up_s": time.perf_counter() - (self.t0 or time.perf_counter()),
+                                       "reward_s": self.reward_s}, 0, f"returning {len(ready)} finished groups")
         elif cmd == "sync":  # groups in flight: between two engine steps
             _acknowledge_sync(self.ctx, self.sup, self.sup.load_weights_between_steps(
-                bridge_receiver(self.ctx, msg["stages"]), msg["version"], self.in_flight_kv), stats)
+                bridge_receiver(self.ctx, msg["stages"]), msg["version"], self.in_flight_kv, self.notify), stats)
         else:
             raise ValueError(f"unknown streaming command {cmd!r}")

@@ -21,9 +21,12 @@ Each restart is told to the controller before the repeated call's answer (``noti
 ``metrics.jsonl``. An engine that runs inside its rank's own process (vLLM in-process, the CPU default) dies with the
 rank: that cannot be restarted here; the run stops naming the engine and ``resume=auto`` continues it.
 
-Not covered yet: the streaming calls of ``schedule=fully_async`` (``server._Streaming``: engine steps and weight loads
-between them). A death there ends the rank (the groups in flight would have to be admitted again); its weight loads
-still go through :meth:`EngineSupervisor.load_weights_between_steps`, which keeps the copy of the weights.
+The streaming calls of ``schedule=fully_async`` (``server._Streaming``: admits, engine steps, weight loads between
+them) are watched the same way, but not repeated: the groups in flight die with the engine, so after the new engine
+has loaded the weights, ``after_restart`` (the streaming side's) admits them again from their own prompts and seeds,
+and the loop goes on stepping. Their tokens then come from the restarted engine's version, which is at least the one
+they were admitted under (weights only move forward): the staleness bound holds. A restart by any call, a generation
+request beside the streaming groups included, re-admits them.
 
 Drills: ``MRLHF_FAULTS`` (``rollout/faults.py``) kills or stops this engine's processes at a chosen call.
 """
@@ -76,6 +79,9 @@ class EngineSupervisor:
         self.engine = start()
         self.version = self.engine.version = 0
         self._tree: dict[int, int] = {}  # the engine's processes (pid -> start time), seen at the last call
+        # called with the new engine once it holds the weights, before the restart is reported (the streaming groups
+        # in flight are admitted again there)
+        self.after_restart: Callable[[object], None] | None = None
         self._shm: set[str] = set()  # the shared-memory files they mapped
 
     # ----- the engine's processes ---------------------------------------------------------------------------------
@@ -98,6 +104,12 @@ class EngineSupervisor:
         core = getattr(getattr(getattr(self.engine, "llm", None), "llm_engine", None), "engine_core", None)
         return core if hasattr(core, "resources") else None
 
+    def _look_if_new(self) -> None:
+        """:meth:`_look` once per engine whose core is a process of its own (a streaming call, once per engine step,
+        cannot afford a scan of /proc each time; the processes of an engine do not change while it lives)."""
+        if not self._tree and self._core() is not None:
+            self._look()
+
     def _engine_dead(self) -> bool:
         core = self._core()
         return bool(core is not None and core.resources.engine_dead)
@@ -117,9 +129,12 @@ class EngineSupervisor:
                     fut.set_exception(err)
 
     @contextlib.contextmanager
-    def _watched(self, what: str) -> Iterator[dict]:
-        """Run a call under watch: a dead engine core ends its wait; past ``hang_timeout_s`` the engine is killed."""
-        self._look()
+    def _watched(self, what: str, kind: str | None = None, look: bool = True) -> Iterator[dict]:
+        """Run a call under watch: a dead engine core ends its wait; past ``hang_timeout_s`` the engine is killed.
+        ``kind``: the call as ``MRLHF_FAULTS`` counts it (default ``what``); ``look=False`` (a streaming call, once per
+        engine step): the engine's processes are looked up only once per engine (:meth:`_look_if_new`), and an
+        engine without processes of its own is not watched."""
+        self._look() if look else self._look_if_new()
         state = {"hung": False, "dead": False}
         stop = threading.Event()
         t0 = time.monotonic()
@@ -138,7 +153,12 @@ class EngineSupervisor:
                               f"killed its processes {killed}" if killed else
                               "it runs in this rank's process and cannot be interrupted")
 
-        faults.arm(self, what)
+        faults.arm(self, kind or what)
+        if not look and self._core() is None and not self._tree:
+            # an in-process engine core and no process of its own: no death to see, nothing to kill on a hang (it
+            # dies with this rank); a thread per streaming engine step would cost for nothing
+            yield state
+            return
         watcher = threading.Thread(target=watch, name=f"engine{self.index}-watch", daemon=True)
         watcher.start()
         try:
@@ -174,6 +194,8 @@ class EngineSupervisor:
         if self._weights is not None:  # the weights the dead engine held
             loaded = self.engine.load_weight_stream(self._replay, self.version)
         self.engine.version = self.version
+        if self.after_restart is not None:
+            self.after_restart(self.engine)
         event = {"event": "engine_restart", "engine": self.index, "restart": self.restarts, "while": what,
                  "reason": reason, "version": self.version, "recover_s": round(time.monotonic() - t0, 3)}
         log.warning("rollout engine %d restarted in %.1f s with weights v%d", self.index, event["recover_s"],
@@ -220,16 +242,48 @@ class EngineSupervisor:
                         raise
             self._restart(what, reason, notify)
 
+    def streaming_call(self, what: str, kind: str, fn: Callable, notify: Callable[[dict], None]):
+        """``fn(engine)`` for a streaming call (an admit, an engine step), counted as ``kind`` by ``MRLHF_FAULTS``.
+        After a death the engine restarts (``after_restart`` admits the groups in flight again) and None is returned:
+        ``fn`` is not repeated, the re-admitted groups carry its work on."""
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        with self._watched(what, kind, look=False) as state:
+            try:
+                return fn(self.engine)
+            except Exception as e:
+                reason = self._failure(e, state)
+                if reason is None:
+                    raise
+        self._restart(what, reason, notify)
+        return None
+
     def load_weights(self, receive, version: int, notify: Callable[[dict], None]) -> dict:
         """Load a weight stream (``RolloutBackend.load_weight_stream``), keeping a copy for a restart. A death while
         loading: the rest of the stream is still received (the stage owners keep sending), the engine restarts and
         loads the copy."""
-        what = "loading weights"
-        self.calls[what] = self.calls.get(what, 0) + 1
+        return self._load("loading weights", lambda stream: self.engine.load_weight_stream(stream, version), receive,
+                          version, notify)
+
+    def load_weights_between_steps(self, receive, version: int, in_flight_kv: str,
+                                   notify: Callable[[dict], None]) -> dict:
+        """A weight stream loaded while streaming groups are in flight (``RolloutBackend.
+        update_weights_between_steps``), kept and restarted as :meth:`load_weights` does: after a death the new
+        engine loads this version and ``after_restart`` admits the groups in flight again (their tokens so far are
+        lost with the engine; all of their tokens are then sampled by this version)."""
+        out = self._load("loading weights between engine steps",
+                         lambda stream: self.engine.update_weights_between_steps(stream, version, in_flight_kv),
+                         receive, version, notify)
+        return {**out, "in_flight": self.engine.in_flight(), "in_flight_kv": in_flight_kv}
+
+    def _load(self, what: str, load: Callable, receive, version: int, notify: Callable[[dict], None]) -> dict:
+        """``load(stream)`` of the weight stream ``receive`` as ``version``, the copy kept; a restart after a death.
+        Every kind of load counts as a weight sync for ``MRLHF_FAULTS``."""
+        kind = "loading weights"
+        self.calls[kind] = self.calls.get(kind, 0) + 1
         stream = _KeptStream(receive, keep=self.max_restarts > 0)
-        with self._watched(what) as state:
+        with self._watched(what, kind) as state:
             try:
-                out = self.engine.load_weight_stream(stream, version)
+                out = load(stream)
                 failed = None
             except Exception as e:
                 failed = self._failure(e, state)
@@ -242,18 +296,6 @@ class EngineSupervisor:
         stream.drain()
         self.version, self._weights = version, stream.kept
         return self._restart(what, failed, notify)
-
-    def load_weights_between_steps(self, receive, version: int, in_flight_kv: str) -> dict:
-        """A weight stream loaded while streaming groups are in flight (``RolloutBackend.
-        update_weights_between_steps``), the copy kept as :meth:`load_weights` keeps it. Not restarted on a death
-        (the groups in flight would be lost): it raises."""
-        what = "loading weights between engine steps"
-        self.calls[what] = self.calls.get(what, 0) + 1
-        stream = _KeptStream(receive, keep=self.max_restarts > 0)
-        out = self.engine.update_weights_between_steps(stream, version, in_flight_kv)
-        self.version = version
-        self._weights = stream.kept if stream.keep else None
-        return out
 
 
 class _KeptStream:

@@ -47,8 +47,13 @@ they would be older than the resumed weights anyway). A resumed schedule pushes 
 uninterrupted one sample for sample (nor is an uninterrupted fully asynchronous run reproducible: what is ready when
 depends on timing).
 
-Not yet: engine restarts for streaming calls, off-policy corrections for the mixed versions (the losses see
-``Sample.version``, the oldest).
+Engines that die or hang (``rollout/supervisor.py``) are restarted by their rank with the newest weights they had
+loaded (or the ones being loaded) and the groups in flight on them are admitted again there, from the same prompts
+and seeds (``server._Streaming``): each still comes back once, and its tokens come from a version at least its
+admission's (weights only move forward), so ``_check`` holds. Past ``rollout.max_restarts`` the run checkpoints and
+exits 1 naming the engine, as the round schedule does.
+
+Not yet: off-policy corrections for the mixed versions (the losses see ``Sample.version``, the oldest).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ import logging
 import time
 from typing import Iterator
 
+from megatron_async_rlhf.cluster import RolloutError
 from megatron_async_rlhf.schedules import Batch, ScheduleStats, StalenessError
 from megatron_async_rlhf.schedules.rounds import Rounds
 
@@ -191,8 +197,13 @@ class FullyAsync(Rounds):
             if t > start or self.engine_version != self.version:  # resumed: push the weights first
                 yield from self._sync()  # weights move between two engine steps; groups in flight continue
             self._admit()
-            samples, wait_s = self._gather(t)
+            try:
+                samples, wait_s = self._gather(t)
+            except RolloutError as e:  # an engine failed for good: every learner rank learns it (for the checkpoint)
+                samples, wait_s = e, 0.0
             samples = self._deal(samples, self.per)
+            if isinstance(samples, RolloutError):
+                raise samples
             _, rows, _ = self._rounds.pop(t)
             batch = Batch(t, samples, rows, wait_s, self.engine_version)
             yield self._hand_out_async(batch, wait_s)
