@@ -19,9 +19,9 @@ Shapes (extra arguments are hydra-style overrides of every run of every shape):
   LLaMA whose every token is EOS with probability ~1/100 (``models/longtail.py``: a constant EOS logit through a
   residual coordinate no layer writes, calibrated), up to 300 new tokens, 16 prompts x 4 samples, RLOO (every sample
   trained, micro-batches of up to 32 rows padded to their longest: a learner step about as long as a generation round).
-* ``genbound``: generation-bound, as RL on GPUs is: the same model, up to 500 new tokens, 8 prompts x 4 samples, and a
-  cheap learner step (micro-batches packed by a 4096-token budget, little padding), so that generation, whose round
-  lasts as long as its longest completion, takes most of a synchronous step (printed under the table).
+* ``genbound``: generation-bound, as RL on GPUs is: the same model, up to 500 new tokens, 8 prompts x 2 samples, and a
+  cheap learner step (few rows, micro-batches packed by a 4096-token budget: little padding), so that generation,
+  whose round lasts as long as its longest completion, takes most of a synchronous step (printed under the table).
 
 The random model's rewards say nothing, so both long shapes train with ``algorithm.lr=1e-9``: the learner does its full
 step (reference and policy passes, backward, Adam) but the weights, hence the length distribution, stay those of the
@@ -71,7 +71,7 @@ SHAPES = {  # name -> (default steps, overrides; {model} is the longtail model's
     "tiny": (40, []),
     "longtail": (10, ["model.path={model}", *_LONG, "algorithm.prompts_per_step=16", "algorithm.samples_per_prompt=4",
                       "algorithm.max_new_tokens=300", "rollout.max_model_len=320"]),
-    "genbound": (10, ["model.path={model}", *_LONG, "algorithm.prompts_per_step=8", "algorithm.samples_per_prompt=4",
+    "genbound": (10, ["model.path={model}", *_LONG, "algorithm.prompts_per_step=8", "algorithm.samples_per_prompt=2",
                       "algorithm.max_new_tokens=500", "rollout.max_model_len=520",
                       "learner.max_tokens_per_micro_batch=4096"]),
 }
@@ -215,6 +215,9 @@ def main() -> int:
     ap.add_argument("--shape", default="tiny", help="tiny | longtail | genbound | all, or a comma-separated list")
     ap.add_argument("--steps", type=int, default=0, help="RL steps of every run (0: the shape's default)")
     ap.add_argument("--p-eos", type=float, default=0.01, help="longtail / genbound model: per-token EOS probability")
+    ap.add_argument("--model-dir", default=None,
+                    help="where the longtail / genbound model is made (kept and reused when made with the same "
+                         "arguments); default <out>/longtail_model")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help=f"comma-separated, among {list(MODES)}; sync and onestep are always run")
     ap.add_argument("--out", default=None)
@@ -232,7 +235,7 @@ def main() -> int:
     if any(s != "tiny" for s in shapes):
         from megatron_async_rlhf.models.longtail import make_longtail_llama
 
-        model = make_longtail_llama(os.path.join(out, "longtail_model"), p_eos=args.p_eos)
+        model = make_longtail_llama(args.model_dir or os.path.join(out, "longtail_model"), p_eos=args.p_eos)
     tables, finals, fits = [], [], []
     with WorkerGroup(2, default_group=False, timeout_s=3600) as group:
         for shape in shapes:
@@ -261,12 +264,12 @@ def main() -> int:
                 samples = steps * cfg.algorithm.prompts_per_step * cfg.algorithm.samples_per_prompt
                 res[name] = _measure(name, summary, _rows(summary), samples, mode)
                 print(f"{shape} {name}: RL {summary['rl_seconds']:.2f} s (run {time.time() - t0:.0f} s)", flush=True)
+                if name == "sync":  # the learner's fixed cost: the same again with a quarter of the prompts per step
+                    p = cfg.algorithm.prompts_per_step
+                    small = run("sync_small", ["algorithm.steps=4", f"algorithm.prompts_per_step={max(1, p // 4)}",
+                                               *mode])
+                    fits.append(_fixed_cost(shape, res["sync"]["rows"], _rows(small)))
             tables.append(_table(shape, res, steps))
-            # the learner's fixed cost: the synchronous run again with a quarter of the prompts per step
-            p = cfg.algorithm.prompts_per_step
-            small = run("sync_small", ["algorithm.steps=4", f"algorithm.prompts_per_step={max(1, p // 4)}",
-                                       *MODES["sync"]])
-            fits.append(_fixed_cost(shape, res["sync"]["rows"], _rows(small)))
             finals.append(_final_line(shape, res, steps))
     for t in tables:
         print(t)
