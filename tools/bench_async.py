@@ -39,6 +39,11 @@ sync run's sum of ``gen_s`` / onestep's wall (the same prompts and seeds, so abo
 own ``gen_s`` also counts the time a finished round waits for the learner). A short warm-up run of each shape goes
 first so that no mode pays first-call costs.
 
+Under each table: the synchronous step's generation G, train T and rest O (push, hand-offs), and the ideal steps they
+give: onestep ``max(G, T) + O``; fully_async with bound 1, where a round is admitted one step before it trains,
+``max(T + O, (G + T + O) / 2)`` (so at most 2x onestep, reached only when generation dominates: 1.5x needs
+``G >= 2 (T + O)`` about).
+
 Learner fixed cost per step: the synchronous run is repeated with P/4 prompts per step (4 steps); the intercept of the
 least-squares line of each step's learner seconds (``rl_step``, timed around it) against its padded tokens (what the
 learner computes on: micro-batch rows x longest row), over the steps of both runs, is the part of a step that does not
@@ -173,19 +178,24 @@ def _table(shape: str, res: dict, steps: int) -> str:
     sync, one = res["sync"], res["onestep"]
     sync["engine_busy"] = sync["gen_sum"] / sync["wall"]
     one["engine_busy"] = min(1.0, sync["gen_sum"] / one["wall"])
-    head = (f"{'mode':>12} {'RL wall s':>9} {'samples/s':>9} {'vs 1step':>8} {'vs sync':>7} {'eng busy':>8} "
+    head = (f"{'mode':>16} {'RL wall s':>9} {'samples/s':>9} {'vs 1step':>8} {'vs sync':>7} {'eng busy':>8} "
             f"{'lrn busy':>8} {'gen s/st':>8} {'train s/st':>8} {'push s/st':>9} {'len mean':>8} {'len max':>7} "
             f"{'acc after':>9} {'reward5':>7}")
     lines = [f"\n[{shape}] {steps} steps", head]
     for m in res.values():
-        lines.append(f"{m['mode']:>12} {m['wall']:>9.2f} {m['sps']:>9.2f} {m['sps'] / one['sps']:>8.3f} "
+        lines.append(f"{m['mode']:>16} {m['wall']:>9.2f} {m['sps']:>9.2f} {m['sps'] / one['sps']:>8.3f} "
                      f"{m['sps'] / sync['sps']:>7.3f} {m['engine_busy']:>8.2f} {m['learner_busy']:>8.2f} "
                      f"{m['gen_s']:>8.3f} {m['train_s']:>10.3f} {m['sync_s']:>9.3f} {m['len_mean']:>8.1f} "
                      f"{m['len_max']:>7d} {m['acc_after']:>9.3f} {m['reward']:>7.3f}")
     step = sync["wall"] / steps
-    lines.append(f"sync step {step:.3f} s: generation {sync['gen_s']:.3f} s ({sync['gen_s'] / step:.0%}), "
-                 f"train {sync['train_s']:.3f} s ({sync['train_s'] / step:.0%}), push {sync['sync_s']:.3f} s "
-                 f"({sync['sync_s'] / step:.0%})")
+    g, t = sync["gen_s"], sync["train_s"]
+    o = max(0.0, step - g - t)
+    lines.append(f"sync step {step:.3f} s: generation G {g:.3f} s ({g / step:.0%}), train T {t:.3f} s "
+                 f"({t / step:.0%}), rest O {o:.3f} s (push {sync['sync_s']:.3f} s)")
+    one_ideal, fa_ideal = max(g, t) + o, max(t + o, (g + t + o) / 2)
+    lines.append(f"ideal step from G, T, O: onestep max(G, T) + O = {one_ideal:.3f} s, fully_async (bound 1: a round "
+                 f"is admitted one step before it trains) max(T + O, (G + T + O) / 2) = {fa_ideal:.3f} s; ideal "
+                 f"fully_async / onestep = {one_ideal / fa_ideal:.3f}, onestep / sync = {step / one_ideal:.3f}")
     for m in res.values():
         if "engine_busy_frac" in m:
             lines.append(f"{m['mode']} step {m['wall'] / steps:.3f} s: wait {m['gen_s']:.3f} + train "
