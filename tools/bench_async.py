@@ -41,8 +41,8 @@ first so that no mode pays first-call costs.
 
 Under each table: the synchronous step's generation G, train T and rest O (push, hand-offs), and the ideal steps they
 give: onestep ``max(G, T) + O``; fully_async with bound 1, where a round is admitted one step before it trains,
-``max(T + O, (G + T + O) / 2)`` (so at most 2x onestep, reached only when generation dominates: 1.5x needs
-``G >= 2 (T + O)`` about).
+``max(T + O, (G + T + O) / 2)`` (so at most 2x onestep, approached only when generation dominates: 1.5x needs
+``G >= 3T - O``, generation about 75% of a synchronous step).
 
 Learner fixed cost per step: the synchronous run is repeated with P/4 prompts per step (4 steps); the intercept of the
 least-squares line of each step's learner seconds (``rl_step``, timed around it) against its padded tokens (what the
