@@ -19,7 +19,7 @@ Shapes (extra arguments are hydra-style overrides of every run of every shape):
   LLaMA whose every token is EOS with probability ~1/100 (``models/longtail.py``: a constant EOS logit through a
   residual coordinate no layer writes, calibrated), up to 300 new tokens, 16 prompts x 4 samples, RLOO (every sample
   trained, micro-batches of up to 32 rows padded to their longest: a learner step about as long as a generation round).
-* ``genbound``: generation-bound, as RL on GPUs is: the same model, up to 500 new tokens, 8 prompts x 2 samples, and a
+* ``genbound``: generation-bound, as RL on GPUs is: the same model, up to 500 new tokens, 4 prompts x 2 samples, and a
   cheap learner step (few rows, micro-batches packed by a 4096-token budget: little padding), so that generation,
   whose round lasts as long as its longest completion, takes most of a synchronous step (printed under the table).
 
@@ -76,7 +76,7 @@ SHAPES = {  # name -> (default steps, overrides; {model} is the longtail model's
     "tiny": (40, []),
     "longtail": (10, ["model.path={model}", *_LONG, "algorithm.prompts_per_step=16", "algorithm.samples_per_prompt=4",
                       "algorithm.max_new_tokens=300", "rollout.max_model_len=320"]),
-    "genbound": (10, ["model.path={model}", *_LONG, "algorithm.prompts_per_step=8", "algorithm.samples_per_prompt=2",
+    "genbound": (10, ["model.path={model}", *_LONG, "algorithm.prompts_per_step=4", "algorithm.samples_per_prompt=2",
                       "algorithm.max_new_tokens=500", "rollout.max_model_len=520",
                       "learner.max_tokens_per_micro_batch=4096"]),
 }
