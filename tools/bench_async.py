@@ -9,7 +9,10 @@
 * ``fully_async_keep``: the same with ``rollout.in_flight_kv=keep`` (their KV cache is kept).
 
     python tools/bench_async.py [--shape tiny|longtail|genbound|all] [--steps N] [--modes sync,onestep,...]
-                                [--out DIR] [overrides...]
+                                [--repeats R] [--out DIR] [overrides...]
+
+On a machine shared with other jobs, ``--repeats R`` runs every mode R times, interleaved, and shows each mode's median
+run (by samples/s), with every run's samples/s listed.
 
 Shapes (extra arguments are hydra-style overrides of every run of every shape):
 
@@ -230,6 +233,9 @@ def main() -> int:
                          "arguments); default <out>/longtail_model")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help=f"comma-separated, among {list(MODES)}; sync and onestep are always run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of every mode, interleaved (sync, onestep, ..., sync, ...); the table shows each mode's "
+                         "median run by samples/s")
     ap.add_argument("--out", default=None)
     args, overrides = ap.parse_known_args()
     shapes = list(SHAPES) if args.shape == "all" else args.shape.split(",")
@@ -257,28 +263,36 @@ def main() -> int:
                 cfg = load_config([*base, *extra, f"logging.out_dir={os.path.join(out, shape, name)}"])
                 return group.run(_job, dataclasses.asdict(cfg), prepare_model(cfg), f"{shape}_{name}")[0]
 
-            res, warm, last_engine = {}, set(), ()
-            for name in modes:
-                mode = MODES[name]
-                # first-call costs: each code path (schedule) and each engine (a rollout.* change starts a new one,
-                # rollout/server.get_engine) gets a short run right before its first measured run
-                key = tuple(o for o in mode if not o.startswith("algorithm."))
-                engine = tuple(o for o in mode if o.startswith("rollout."))
-                if key not in warm or engine != last_engine:
-                    run(f"warmup_{name}", ["algorithm.steps=2", *(["sft.steps=5"] if shape == "tiny" else []), *mode])
-                    warm.add(key)
-                last_engine = engine
-                t0 = time.time()
-                summary = run(name, [f"algorithm.steps={steps}", *mode])
-                cfg = load_config([*base, *mode])
-                samples = steps * cfg.algorithm.prompts_per_step * cfg.algorithm.samples_per_prompt
-                res[name] = _measure(name, summary, _rows(summary), samples, mode)
-                print(f"{shape} {name}: RL {summary['rl_seconds']:.2f} s (run {time.time() - t0:.0f} s)", flush=True)
-                if name == "sync":  # the learner's fixed cost: the same again with a quarter of the prompts per step
-                    p = cfg.algorithm.prompts_per_step
-                    small = run("sync_small", ["algorithm.steps=4", f"algorithm.prompts_per_step={max(1, p // 4)}",
-                                               *mode])
-                    fits.append(_fixed_cost(shape, res["sync"]["rows"], _rows(small)))
+            runs, warm, last_engine = {}, set(), ()
+            for rep in range(args.repeats):  # modes interleaved: a load that drifts hits every mode alike
+                for name in modes:
+                    mode = MODES[name]
+                    # first-call costs: each code path (schedule) and each engine (a rollout.* change starts a new
+                    # one, rollout/server.get_engine) gets a short run right before its first measured run
+                    key = tuple(o for o in mode if not o.startswith("algorithm."))
+                    engine = tuple(o for o in mode if o.startswith("rollout."))
+                    if key not in warm or engine != last_engine:
+                        run(f"warmup_{name}_{rep}", ["algorithm.steps=2", *(["sft.steps=5"] if shape == "tiny" else []),
+                                                     *mode])
+                        warm.add(key)
+                    last_engine = engine
+                    t0 = time.time()
+                    summary = run(f"{name}_{rep}" if args.repeats > 1 else name, [f"algorithm.steps={steps}", *mode])
+                    cfg = load_config([*base, *mode])
+                    samples = steps * cfg.algorithm.prompts_per_step * cfg.algorithm.samples_per_prompt
+                    runs.setdefault(name, []).append(_measure(name, summary, _rows(summary), samples, mode))
+                    print(f"{shape} {name}: RL {summary['rl_seconds']:.2f} s (run {time.time() - t0:.0f} s)",
+                          flush=True)
+                    if name == "sync" and rep == 0:  # the learner's fixed cost: again with a quarter of the prompts
+                        p = cfg.algorithm.prompts_per_step
+                        small = run("sync_small", ["algorithm.steps=4", f"algorithm.prompts_per_step={max(1, p // 4)}",
+                                                   *mode])
+                        fits.append(_fixed_cost(shape, runs["sync"][0]["rows"], _rows(small)))
+            # per mode, the run of median samples/s (all of them listed when repeated)
+            res = {name: sorted(rs, key=lambda m: m["sps"])[len(rs) // 2] for name, rs in runs.items()}
+            if args.repeats > 1:
+                print(f"{shape} samples/s per repeat: " + "; ".join(
+                    f"{name} " + " ".join(f"{m['sps']:.2f}" for m in rs) for name, rs in runs.items()), flush=True)
             tables.append(_table(shape, res, steps))
             finals.append(_final_line(shape, res, steps))
     for t in tables:
