@@ -62,9 +62,9 @@ class _Engines:
             self.flight[e][g["id"]] = (g, [[] for _ in range(k)], [self.rng.randint(1, self.max_len) for _ in range(k)])
         self._steps(e, self.rng.randint(0, 3))
 
-    def poll(self, e, wait=False):
+    def poll(self, e, wait=False, until=None):
         self._steps(e, self.rng.randint(0, 4))
-        while wait and not self.ready[e] and self.flight[e]:
+        while wait and self.flight[e] and (set(until) & set(self.flight[e]) if until else not self.ready[e]):
             self._steps(e, 1)
         out, self.ready[e] = self.ready[e], []
         self.returned += [g.group_id for g in out]

@@ -150,11 +150,12 @@ class RolloutClient:
         self._streaming = True  # from now on every command rings the engines' doorbells
         self.command(engine, {"cmd": "admit", "groups": groups}, f"admitting {len(groups)} groups")
 
-    def poll(self, engine: int, wait: bool = False) -> dict:
+    def poll(self, engine: int, wait: bool = False, until: list[int] | None = None) -> dict:
         """``engine``'s finished groups not returned yet (``{"groups": [FinishedGroup], "in_flight", "busy_s",
-        "up_s", "reward_s"}``); ``wait``: only once at least one has finished (or nothing is in flight)."""
+        "up_s", "reward_s"}``); ``wait``: only once at least one has finished, or, with ``until`` (group ids), once
+        every one of those has (or nothing is in flight): one round trip for what a step waits for."""
         assert self.ctx.is_controller, "only learner rank 0 talks to the engines"
-        self.command(engine, {"cmd": "poll", "wait": wait}, "polling finished groups")
+        self.command(engine, {"cmd": "poll", "wait": wait, "until": list(until or ())}, "polling finished groups")
         return self._replies([(engine + 1, "generating prompt groups")])[0]
 
     # ----- weights (every learner rank) ------------------------------------------------------------------------

@@ -306,7 +306,8 @@ class _Streaming:
 
             self.sup.streaming_call("admitting groups", "admitting", admit, self.notify)
         elif cmd == "poll":
-            while msg.get("wait") and not self.ready and self.groups:
+            until = set(msg.get("until") or ())
+            while msg.get("wait") and self.groups and (until & self.groups.keys() if until else not self.ready):
                 self.step()
             ready, self.ready = self.ready, []
             stats["samples"] += sum(len(g.samples) for g in ready)

@@ -160,8 +160,8 @@ class FullyAsync(Rounds):
             missing = [g for g in need if g not in self._done]
             if not missing:
                 break
-            e = self._engine_of[missing[0]]
-            self._file(e, self.client.poll(e, wait=True))
+            e = self._engine_of[missing[0]]  # its engine, until it finished every missing group it holds
+            self._file(e, self.client.poll(e, wait=True, until=[g for g in missing if self._engine_of[g] == e]))
         samples = []
         for g in need:
             group = self._done.pop(g)
