@@ -148,14 +148,20 @@ class FullyAsync(Rounds):
         self._times[e] = (reply["busy_s"], reply["up_s"])
         self._reward_s[e] = reply.get("reward_s", 0.0)
 
-    def _gather(self, t: int) -> tuple[list | None, float]:
-        """(step ``t``'s samples: its P groups in order, k samples each; None off the controller, the seconds waited)."""
-        t0 = time.perf_counter()
+    def _poll_all(self) -> None:
+        """Every engine once per step, without waiting (fresh busy times, the groups finished meanwhile); before the
+        admit, so that an engine with nothing left in flight answers at once instead of after its next engine step,
+        the prefill of the groups just admitted."""
+        if self.client.ctx.is_controller:
+            for e in range(len(self._load)):
+                self._file(e, self.client.poll(e, wait=False))
+
+    def _gather(self, t: int, t0: float) -> tuple[list | None, float]:
+        """(step ``t``'s samples: its P groups in order, k samples each; None off the controller, the seconds waited
+        since ``t0``)."""
         if not self.client.ctx.is_controller:
             return None, 0.0
         need = range(t * self.per, (t + 1) * self.per)
-        for e in range(len(self._load)):  # every engine once per step, without waiting: fresh busy times
-            self._file(e, self.client.poll(e, wait=False))
         while True:
             missing = [g for g in need if g not in self._done]
             if not missing:
@@ -190,15 +196,17 @@ class FullyAsync(Rounds):
 
     # ----- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> Iterator[Batch | str]:
-        """Step ``t``: push the weights of version ``t`` (after the first), admit what the bound allows, wait for
-        groups ``[tP, (t+1)P)``, hand them out as one mini-batch."""
+        """Step ``t``: push the weights of version ``t`` (after the first), collect what finished, admit what the
+        bound allows, wait for groups ``[tP, (t+1)P)``, hand them out as one mini-batch."""
         start = self.version
         for t in range(start, self.steps):
             if t > start or self.engine_version != self.version:  # resumed: push the weights first
                 yield from self._sync()  # weights move between two engine steps; groups in flight continue
-            self._admit()
+            t0 = time.perf_counter()
             try:
-                samples, wait_s = self._gather(t)
+                self._poll_all()
+                self._admit()
+                samples, wait_s = self._gather(t, t0)
             except RolloutError as e:  # an engine failed for good: every learner rank learns it (for the checkpoint)
                 samples, wait_s = e, 0.0
             samples = self._deal(samples, self.per)
