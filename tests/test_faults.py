@@ -43,7 +43,7 @@ def _rows(out):
 
 def _numbers(rows):
     """What a run computed: every row but events, without timings and the sync's bucket layout."""
-    timing = re.compile(r"(_s|_seconds|_gbps|_bytes|^buckets|^tensors)$")
+    timing = re.compile(r"(_s|_seconds|_gbps|_bytes|_frac|^buckets|^tensors)$")  # _frac: shares of wall time
     return [{k: v for k, v in r.items() if not timing.search(k)} for r in rows if r["phase"] != "event"]
 
 

@@ -290,7 +290,7 @@ def test_without_straddling_it_trains_what_one_step_rounds_trains(tmp_path):
     fa, _ = _main_job(tmp_path / "fa", *common)
     rounds, _ = _main_job(tmp_path / "rounds", *common, schedule="rounds")
     timing = {"wall_s", "gen_s", "train_s", "reward_s", "reward_wait_s", "sync_seconds", "sync_gbps", "engine_load_s",
-              "engine_peak_extra_bytes"}
+              "engine_peak_extra_bytes", "learner_wait_frac"}
     assert len(fa) == len(rounds) == 8
     straddled = [i for i, r in enumerate(fa) if r["version_spread"] or r.get("sync_in_flight_groups")]
     compared = straddled[0] if straddled else len(fa)
