@@ -191,9 +191,9 @@ class _Streaming:
 
     * ``admit`` ``{"groups": [{"id", "prompt", "index", "sampling", "row"}]}``: queue each group (``sampling.n``
       samples of ``prompt``; ``index`` is its samples' ``prompt_index`` and picks their seeds); no answer.
-    * ``poll`` ``{"wait": bool}``: answer the finished groups not yet returned, ``{"groups": [FinishedGroup],
-      "in_flight", "busy_s", "up_s", "reward_s"}``; with ``wait`` only once at least one is there (or none is in
-      flight). ``busy_s``: seconds spent in engine steps since the first admit, ``up_s``: seconds since it.
+    * ``poll`` ``{"wait": bool, "until": [group ids]}``: answer the finished groups not yet returned, ``{"groups":
+      [FinishedGroup], "in_flight", "busy_s", "up_s", "reward_s"}``; with ``wait`` only once at least one is there,
+      or with ``until`` once none of those is in flight (either way, at once when nothing is in flight). ``busy_s``: seconds spent in engine steps since the first admit, ``up_s``: seconds since it.
     * ``sync`` while groups are in flight: the weights are loaded between two engine steps
       (``update_weights_between_steps`` with ``rollout.in_flight_kv``), then acknowledged as a plain sync is.
 

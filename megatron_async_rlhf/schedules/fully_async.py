@@ -35,7 +35,9 @@ step's groups), ``engine_busy_frac`` (of the polled engines' time since the last
 steps), ``groups_in_flight`` (admitted, not trained).
 
 The engines (``rollout/server.py``, ``_Streaming``) talk request/response: the controller ``admit``s groups to the
-least-loaded engine, ``poll``s the engine holding the oldest missing group (waiting until it finishes some), and
+least-loaded engine, ``poll``s every engine without waiting before it admits (an engine with nothing in flight
+answers at once, not after the prefill of what is admitted next), then each engine holding a missing group once,
+waiting ``until`` all of those have finished, and
 pushes weights (``sync``) that the engine loads between two engine steps (``rollout.in_flight_kv``). Rewards are
 computed per group as it finishes on the rollout pool (``reward.placement=rollout|dedicated``), else on the
 controller when the step is trained.
