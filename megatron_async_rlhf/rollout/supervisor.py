@@ -229,11 +229,16 @@ class EngineSupervisor:
             buf.copy_(kept)
             yield header, buf
 
-    def call(self, what: str, fn: Callable, notify: Callable[[dict], None]):
-        """``fn(engine)``, repeated on a restarted engine after a death (bounded)."""
-        self.calls[what] = self.calls.get(what, 0) + 1
+    def call(self, what: str, fn: Callable, notify: Callable[[dict], None], kind: str | None = None,
+             repeat: bool = True):
+        """``fn(engine)``, repeated on a restarted engine after a death (bounded). ``kind``: the call as
+        ``MRLHF_FAULTS`` counts it (default ``what``). ``repeat=False``, a streaming call (an admit, an engine step):
+        after the restart None is returned and ``fn`` is not repeated; ``after_restart`` admitted the groups in flight
+        again and they carry its work on."""
+        kind = kind or what
+        self.calls[kind] = self.calls.get(kind, 0) + 1
         while True:
-            with self._watched(what) as state:
+            with self._watched(what, kind, look=repeat) as state:
                 try:
                     return fn(self.engine)
                 except Exception as e:
@@ -241,21 +246,12 @@ class EngineSupervisor:
                     if reason is None:
                         raise
             self._restart(what, reason, notify)
+            if not repeat:
+                return None
 
     def streaming_call(self, what: str, kind: str, fn: Callable, notify: Callable[[dict], None]):
-        """``fn(engine)`` for a streaming call (an admit, an engine step), counted as ``kind`` by ``MRLHF_FAULTS``.
-        After a death the engine restarts (``after_restart`` admits the groups in flight again) and None is returned:
-        ``fn`` is not repeated, the re-admitted groups carry its work on."""
-        self.calls[kind] = self.calls.get(kind, 0) + 1
-        with self._watched(what, kind, look=False) as state:
-            try:
-                return fn(self.engine)
-            except Exception as e:
-                reason = self._failure(e, state)
-                if reason is None:
-                    raise
-        self._restart(what, reason, notify)
-        return None
+        """:meth:`call` for a streaming call: not repeated, None after a restart."""
+        return self.call(what, fn, notify, kind=kind, repeat=False)
 
     def load_weights(self, receive, version: int, notify: Callable[[dict], None]) -> dict:
         """Load a weight stream (``RolloutBackend.load_weight_stream``), keeping a copy for a restart. A death while
