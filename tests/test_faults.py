@@ -175,16 +175,22 @@ def _rl(out):
     return [r for r in _rows(out) if r["phase"] == "rl"] if os.path.exists(os.path.join(out, "metrics.jsonl")) else []
 
 
-@pytest.mark.multiproc
-def test_learner_rank_killed_then_resume_is_exact(baseline, tmp_path):
-    p = _start(tmp_path)
-    _wait(p, lambda: len(_rl(tmp_path)) >= 10, "step 10")
+def _kill_learner_rank0_and_see_the_session_gone(p) -> None:
+    """kill -9 of learner rank 0: the launcher exits nonzero and no process of the session is left (the engine rank and
+    vLLM go with it)."""
     os.kill(_learner_rank0(p.pid), signal.SIGKILL)
     assert p.wait(timeout=120) != 0
     t_end = time.time() + 30
     while _session(p.pid) and time.time() < t_end:
         time.sleep(0.2)
-    assert _session(p.pid) == []  # no orphans: the engine rank and vLLM went with it
+    assert _session(p.pid) == []
+
+
+@pytest.mark.multiproc
+def test_learner_rank_killed_then_resume_is_exact(baseline, tmp_path):
+    p = _start(tmp_path)
+    _wait(p, lambda: len(_rl(tmp_path)) >= 10, "step 10")
+    _kill_learner_rank0_and_see_the_session_gone(p)
     assert "step_000008" in os.listdir(tmp_path / "checkpoints")
     rc, log = _run(tmp_path, "checkpoint.every=4", "resume=auto")
     assert rc == 0, log[-3000:]
@@ -220,12 +226,7 @@ def test_fully_async_learner_rank_killed_then_resume_trains_each_step_once(tmp_p
     0 (the schedule raises at the end if its ledger does not balance): every step is in metrics.jsonl once."""
     p = _start(tmp_path, common=[*FULLY_ASYNC, "checkpoint.every=2"])
     _wait(p, lambda: len(_rl(tmp_path)) >= 3, "step 3")
-    os.kill(_learner_rank0(p.pid), signal.SIGKILL)
-    assert p.wait(timeout=120) != 0
-    t_end = time.time() + 30
-    while _session(p.pid) and time.time() < t_end:
-        time.sleep(0.2)
-    assert _session(p.pid) == []  # no orphans: the engine rank and vLLM went with it
+    _kill_learner_rank0_and_see_the_session_gone(p)
     before = _rl(tmp_path)
     from megatron_async_rlhf.run_state import complete_checkpoints
 

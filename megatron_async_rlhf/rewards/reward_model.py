@@ -85,15 +85,13 @@ class VLLMRewardModel:
     """A vLLM pooling engine (``runner="pooling"``) serving an HF sequence classifier with one label; scores are the
     raw logits (``use_activation=False``; vLLM's ``classify`` would return their sigmoid), the same numbers as
     transformers. On CPU it runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) like the rollout engines, on GPU
-    in vLLM's multi-process mode (``multiprocess`` overrides), whatever an engine built earlier in this process set."""
+    in vLLM's multi-process mode, whatever an engine built earlier in this process set."""
 
     def __init__(self, path: str, dtype: str = "float32", max_model_len: int | None = None,
-                 kv_cache_gib: float = 0.25, policy_format: dict | None = None, multiprocess: bool | None = None,
-                 **llm_kwargs):
+                 kv_cache_gib: float = 0.25, policy_format: dict | None = None, **llm_kwargs):
         import os
 
-        multiprocess = torch.cuda.is_available() if multiprocess is None else multiprocess
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if torch.cuda.is_available() else "0"
         from transformers import AutoConfig
         from vllm import LLM, envs
 

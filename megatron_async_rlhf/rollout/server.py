@@ -193,7 +193,8 @@ class _Streaming:
       samples of ``prompt``; ``index`` is its samples' ``prompt_index`` and picks their seeds); no answer.
     * ``poll`` ``{"wait": bool, "until": [group ids]}``: answer the finished groups not yet returned, ``{"groups":
       [FinishedGroup], "in_flight", "busy_s", "up_s", "reward_s"}``; with ``wait`` only once at least one is there,
-      or with ``until`` once none of those is in flight (either way, at once when nothing is in flight). ``busy_s``: seconds spent in engine steps since the first admit, ``up_s``: seconds since it.
+      or with ``until`` once none of those is in flight (either way, at once when nothing is in flight).
+      ``busy_s``: seconds spent in engine steps since the first admit, ``up_s``: seconds since it.
     * ``sync`` while groups are in flight: the weights are loaded between two engine steps
       (``update_weights_between_steps`` with ``rollout.in_flight_kv``), then acknowledged as a plain sync is.
 
@@ -264,11 +265,15 @@ class _Streaming:
         for event in events:
             self._send_event(event)
 
+    @staticmethod
+    def _admit_to(engine, groups) -> None:
+        for g in groups:
+            engine.admit(g["id"], g["prompt"], g["sampling"], prompt_index=g["index"])
+
     def readmit(self, engine) -> None:
         """After a restart (``sup.after_restart``): admit the groups in flight on the dead engine to the new one,
         with their own prompts and seeds."""
-        for g in self.groups.values():
-            engine.admit(g["id"], g["prompt"], g["sampling"], prompt_index=g["index"])
+        self._admit_to(engine, self.groups.values())
         if self.groups:
             log.warning("rollout engine %d: %d streaming groups admitted again after the restart",
                         self.ctx.role.engine, len(self.groups))
@@ -299,12 +304,8 @@ class _Streaming:
                 if g["id"] in self.groups:
                     raise ValueError(f"group {g['id']} is already in flight on engine {self.ctx.role.engine}")
                 self.groups[g["id"]] = g  # before the admit: a restart during it admits every group of `groups`
-
-            def admit(engine):
-                for g in msg["groups"]:
-                    engine.admit(g["id"], g["prompt"], g["sampling"], prompt_index=g["index"])
-
-            self.sup.streaming_call("admitting groups", "admitting", admit, self.notify)
+            self.sup.streaming_call("admitting groups", "admitting", lambda e: self._admit_to(e, msg["groups"]),
+                                    self.notify)
         elif cmd == "poll":
             until = set(msg.get("until") or ())
             while msg.get("wait") and self.groups and (until & self.groups.keys() if until else not self.ready):

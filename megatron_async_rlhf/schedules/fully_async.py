@@ -55,7 +55,9 @@ and seeds (``server._Streaming``): each still comes back once, and its tokens co
 admission's (weights only move forward), so ``_check`` holds. Past ``rollout.max_restarts`` the run checkpoints and
 exits 1 naming the engine, as the round schedule does.
 
-Not yet: off-policy corrections for the mixed versions (the losses see ``Sample.version``, the oldest).
+The off-policy corrections (``algorithms/corrections.py``) weigh each token by the sampler's own log-prob of it, so a
+sample whose tokens come from two versions is corrected token by token; the staleness metrics and the bound count a
+sample's oldest version (``Sample.version``).
 """
 
 from __future__ import annotations
